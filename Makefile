@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both work from a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Use the machine's local wheel folder when it has one (it holds the CPU build of torch).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+EXTRAS ?= dev
+
+.PHONY: install system-deps test demo
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+install: $(VENV)/bin/python
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install -q --python $(PY) $(FIND_LINKS) -c constraints.txt -e ".[$(EXTRAS)]"
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: system-deps install
+	$(PY) -m pytest
+
+demo:
+	$(MAKE) install EXTRAS=real-llms
+	$(VENV)/bin/lidit demo $(DEMO_ARGS)
