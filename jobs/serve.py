@@ -1,0 +1,317 @@
+"""`lidit serve`: the registered model behind an alias as a Ray Serve text-to-image application.
+
+`serve(spec)` deploys it and returns a `Served` (URL + handle); the CLI blocks until Ctrl-C and then
+deletes the application. `--local` serves the newest checkpoint under a folder, no registry needed.
+The deployments are in `serve_app`, the HTTP contract in `serve_api`, the design in docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lidit.platform.config import LiditError, RaySpec, Spec, StorageSpec, TrackingSpec
+
+log = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
+
+
+class AutoscalingSpec(Spec):
+    """Ray Serve autoscaling: replicas follow the number of requests in flight per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+
+
+class DeploymentSpec(Spec):
+    """Resources and batching of one deployment. `max_batch_size` counts prompts for an encoder and
+    images for the denoiser; `max_ongoing_requests` must be at least the batch size (it caps it)."""
+
+    num_replicas: int = Field(1, gt=0)
+    autoscaling: AutoscalingSpec | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(32, gt=0)
+    max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded; above it Serve answers 503")
+
+    @model_validator(mode="after")
+    def _ongoing_covers_batch(self) -> "DeploymentSpec":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): Serve never lets more requests into a replica")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options`."""
+        out: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is not None:
+            out["autoscaling_config"] = self.autoscaling.model_dump()
+            out["num_replicas"] = "auto"
+        else:
+            out["num_replicas"] = self.num_replicas
+        return out
+
+
+class LimitsSpec(Spec):
+    """What a request may ask for; sizes must also be multiples of the model's patch size x codec stride."""
+
+    max_n: int = Field(4, gt=0)
+    min_size: int = Field(16, gt=0)
+    max_size: int = Field(512, gt=0)
+    max_steps: int = Field(50, gt=0)
+    default_steps: int = Field(20, gt=0)
+    max_guidance: float = Field(20.0, ge=0)
+    default_guidance: float = Field(4.0, ge=0)
+    max_prompt_chars: int = Field(2000, gt=0)
+    max_body_bytes: int = Field(65536, gt=0)
+    long_prompt: Literal["reject", "truncate"] = Field(
+        "reject", description="over an encoder's max_tokens: 422, or truncate and say so in X-Lidit-Truncated-Tokens")
+
+
+class ServeSpec(Spec):
+    """`lidit serve` spec (jobs/configs/serve.yaml)."""
+
+    model_uri: str = Field("models:/lidit@champion", description="registry alias or version, models:/NAME@ALIAS")
+    local: str | None = Field(None, description="checkpoint folder, or a folder of checkpoints (newest wins); "
+                                                "no registry")
+    tracking: TrackingSpec = TrackingSpec()
+    storage: StorageSpec = StorageSpec()
+    ray: RaySpec = RaySpec()
+    app_name: str = Field("lidit", pattern=r"^[A-Za-z0-9_-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/")
+    auth_token_env: str | None = Field("LIDIT_SERVE_TOKEN", description="bearer auth on /v1/* when this "
+                                                                        "environment variable is set")
+    poll_interval_s: float = Field(10.0, ge=0, description="how often to look where the alias points; 0: never")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    limits: LimitsSpec = LimitsSpec()
+    encoder: DeploymentSpec = DeploymentSpec(num_cpus=0.25, max_batch_size=16, max_ongoing_requests=32)
+    denoiser: DeploymentSpec = DeploymentSpec(num_cpus=1.0, max_batch_size=16, max_ongoing_requests=32)
+    ingress: DeploymentSpec = DeploymentSpec(num_cpus=0.1, max_batch_size=1, max_ongoing_requests=64)
+
+    @model_validator(mode="after")
+    def _batch_holds_a_request(self) -> "ServeSpec":
+        if self.limits.max_n > self.denoiser.max_batch_size:
+            raise ValueError(f"limits.max_n ({self.limits.max_n}) must be <= denoiser.max_batch_size "
+                             f"({self.denoiser.max_batch_size}): one request's images go in one batch")
+        if not self.model_uri.startswith("models:/"):
+            raise ValueError(f"model_uri: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {self.model_uri!r}")
+        return self
+
+
+# ---- where model versions come from: the MLflow registry or a local folder -----------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to serve: a registry URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`) or a local folder."""
+
+    uri: str
+    tracking_uri: str | None = None
+    local: bool = False
+
+    @property
+    def name(self) -> str:
+        return "local" if self.local else self.uri.removeprefix("models:/").split("@")[0].split("/")[0]
+
+    @property
+    def alias(self) -> str | None:
+        return None if self.local or "@" not in self.uri else self.uri.split("@", 1)[1]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One servable version: what requests are pinned to and what /v1/models reports."""
+
+    name: str
+    version: str
+    alias: str | None
+    uri: str  # models:/NAME/VERSION, or the checkpoint folder
+    config: dict  # the checkpoint's config.yaml (model, encoders, codec, ...)
+
+    @property
+    def local(self) -> bool:
+        return not self.uri.startswith("models:/")
+
+    def encoders(self) -> list[tuple[str, dict]]:
+        """(name, encoder config with fingerprint) per LLM, in the model's order."""
+        entries = self.config.get("encoders") or []
+        if isinstance(entries, dict):
+            entries = [{"name": name, **cfg} for name, cfg in entries.items()]
+        out = []
+        for i, entry in enumerate(entries):
+            entry = dict(entry)
+            out.append((str(entry.pop("name", f"encoder{i}")), entry))
+        if not out:
+            raise LiditError(f"{self.uri}: config.yaml lists no encoders")
+        return out
+
+
+def _newest_checkpoint(folder: str) -> Path:
+    root = Path(folder)
+    if (root / "config.yaml").is_file():
+        return root
+    found = [p.parent for p in root.glob("*/config.yaml")] if root.is_dir() else []
+    if not found:
+        raise LiditError(f"--local {folder}: no checkpoint (a folder with config.yaml) there or one level down")
+    return max(found, key=lambda p: ((p / "config.yaml").stat().st_mtime_ns, p.name))
+
+
+def _client(source: ModelSource):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=source.tracking_uri, registry_uri=source.tracking_uri)
+
+
+def current_version(source: ModelSource) -> str:
+    """The version the source points at now (cheap: one registry call, or a folder listing)."""
+    if source.local:
+        return _newest_checkpoint(source.uri).name
+    from mlflow.exceptions import MlflowException
+
+    target = source.uri.removeprefix("models:/")
+    try:
+        if source.alias is not None:
+            return str(_client(source).get_model_version_by_alias(source.name, source.alias).version)
+        name, _, version = target.partition("/")
+        return str(_client(source).get_model_version(name, version).version)
+    except MlflowException as err:
+        raise LiditError(f"{source.uri}: {str(err).splitlines()[0]}") from None
+
+
+def describe(source: ModelSource, version: str) -> ModelRef:
+    """The `ModelRef` of one version: its config.yaml only, no weights."""
+    import yaml
+
+    if source.local:
+        folder = _newest_checkpoint(source.uri)
+        folder = folder if folder.name == version else folder.parent / version
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        return ModelRef("local", version, None, str(folder), config)
+    import mlflow
+
+    uri = f"models:/{source.name}/{version}"
+    path = mlflow.artifacts.download_artifacts(f"{uri}/config.yaml", tracking_uri=source.tracking_uri)
+    config = yaml.safe_load(Path(path).read_text())
+    return ModelRef(source.name, version, source.alias, uri, config)
+
+
+def checkpoint_folder(ref: ModelRef, tracking_uri: str | None, cache: str | os.PathLike | None = None) -> str:
+    """A local folder with the version's weights: the folder itself, or a once-per-version download."""
+    if ref.local:
+        return ref.uri
+    import mlflow
+
+    from lidit.platform.storage import cache_dir
+
+    target = Path(cache or cache_dir()) / "serve" / ref.name / ref.version
+    if (target / ".lidit-complete").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(ref.uri, dst_path=str(target), tracking_uri=tracking_uri)
+    (target / ".lidit-complete").write_text(ref.uri)
+    return path
+
+
+def model_source(spec: ServeSpec) -> ModelSource:
+    if spec.local is not None:
+        return ModelSource(str(Path(spec.local).resolve()), local=True)
+    tracking_uri = spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return ModelSource(spec.model_uri, tracking_uri)
+
+
+# ---- deploy --------------------------------------------------------------------------------------------
+
+@dataclass
+class Served:
+    """A running application: where to send requests and how to stop it."""
+
+    url: str
+    app_name: str
+    handle: Any  # ray.serve DeploymentHandle of the ingress
+    ref: ModelRef
+
+    def stop(self) -> None:
+        from ray import serve
+
+        serve.delete(self.app_name)
+
+
+def serve(spec: ServeSpec) -> Served:
+    """Deploy the application and wait until it answers; returns its URL and ingress handle."""
+    from ray import serve as ray_serve
+
+    from lidit.jobs.serve_app import build_app
+    from lidit.jobs.serve_api import token_digest
+    from lidit.platform.cluster import init_ray
+
+    source = model_source(spec)
+    ref = describe(source, current_version(source))
+    token = os.environ.get(spec.auth_token_env) if spec.auth_token_env else None
+    digest = token_digest(token) if token else None
+    init_ray(spec.ray.address, spec.ray.num_cpus)
+    ray_serve.start(http_options={"host": spec.host, "port": spec.port})
+    app = build_app(spec, source, ref, digest)
+    start = time.monotonic()
+    handle = ray_serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix)
+    port = spec.port
+    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
+    url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
+    log.info("serving %s version %s at %s (auth %s, up in %.1fs)", ref.name, ref.version, url,
+             "on" if digest else "off", time.monotonic() - start)
+    return Served(url, spec.app_name, handle, ref)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default=str(DEFAULT_CONFIG), help="YAML spec (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set port=8080 (repeatable)")
+    parser.add_argument("--local", nargs="?", const=".lidit/demo/checkpoints", default=None, metavar="FOLDER",
+                        help="serve the newest checkpoint under FOLDER (default %(const)s) without a registry")
+    parser.add_argument("--model", default=None, help="registry URI, e.g. models:/lidit@candidate")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None)
+
+
+def load(args: argparse.Namespace) -> ServeSpec:
+    from lidit.platform.config import load_spec
+
+    overrides = list(args.overrides)
+    for key in ("local", "model", "host", "port"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"{'model_uri' if key == 'model' else key}={value}")
+    return load_spec(ServeSpec, args.spec, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load(args)
+    served = serve(spec)
+    print(f"lidit serve: {served.ref.name} version {served.ref.version} at {served.url}/  "
+          f"(playground at {served.url}/, API at {served.url}/v1/images; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("lidit serve: stopping", flush=True)
+    finally:
+        served.stop()
+    return 0
+
