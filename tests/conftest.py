@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from servers import start_mlflow, start_s3  # noqa: E402
 
+pytest_plugins = ["real_llm_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
