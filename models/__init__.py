@@ -1,5 +1,8 @@
 """lidit.models: LI-DiT in pure PyTorch + transformers (arXiv 2406.11831)."""
 
+from lidit.models.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from lidit.models.codecs import IdentityCodec, ImageCodec, VAECodec, codec_from_config
+from lidit.models.diffusion import DiffusionSchedule, diffusion_loss, sample
 from lidit.models.encoders import (
     PAPER_INSTRUCTION,
     CaptionFeatures,
@@ -8,12 +11,32 @@ from lidit.models.encoders import (
     PromptFeatures,
     join_prefix,
 )
+from lidit.models.lidit import LiDiT, LiDiTBlock
+from lidit.models.presets import PRESETS, LiDiTConfig, lidit_config
+from lidit.models.refiners import CollaborativeRefiner, LinguisticTokenRefiner
 
 __all__ = [
     "PAPER_INSTRUCTION",
+    "PRESETS",
     "CaptionFeatures",
+    "CollaborativeRefiner",
+    "DiffusionSchedule",
     "EncoderConfig",
+    "IdentityCodec",
+    "ImageCodec",
     "LLMPromptEncoder",
+    "LiDiT",
+    "LiDiTBlock",
+    "LiDiTConfig",
+    "LinguisticTokenRefiner",
     "PromptFeatures",
+    "VAECodec",
+    "codec_from_config",
+    "diffusion_loss",
     "join_prefix",
+    "lidit_config",
+    "load_checkpoint",
+    "load_training_state",
+    "sample",
+    "save_checkpoint",
 ]
