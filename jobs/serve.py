@@ -13,11 +13,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import yaml
 from pydantic import Field, model_validator
 
+from lidit.platform import registry, tracking
 from lidit.platform.config import LiditError, RaySpec, Spec, StorageSpec, TrackingSpec
+from lidit.platform.registry import parse_model_uri
+
+if TYPE_CHECKING:
+    from lidit.models.encoders import EncoderConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "serve.yaml"
@@ -86,9 +92,10 @@ class ServeSpec(Spec):
     """`lidit serve` spec (jobs/configs/serve.yaml)."""
 
     model_uri: str = Field("models:/lidit@champion", description="registry alias or version, models:/NAME@ALIAS")
-    local: str | None = Field(None, description="checkpoint folder, or a folder of checkpoints (newest wins); "
-                                                "no registry")
+    local: str | None = Field(None, description="checkpoint folder, or a folder with checkpoints up to three "
+                                                "levels down (newest wins); no registry")
     tracking: TrackingSpec = TrackingSpec()
+    workdir: str = Field(".lidit", description="local folder of the default sqlite MLflow store")
     storage: StorageSpec = StorageSpec()
     ray: RaySpec = RaySpec()
     app_name: str = Field("lidit", pattern=r"^[A-Za-z0-9_-]+$")
@@ -126,12 +133,8 @@ class ModelSource:
     local: bool = False
 
     @property
-    def name(self) -> str:
-        return "local" if self.local else self.uri.removeprefix("models:/").split("@")[0].split("/")[0]
-
-    @property
     def alias(self) -> str | None:
-        return None if self.local or "@" not in self.uri else self.uri.split("@", 1)[1]
+        return None if self.local else parse_model_uri(self.uri)[1]
 
 
 @dataclass(frozen=True)
@@ -148,91 +151,77 @@ class ModelRef:
     def local(self) -> bool:
         return not self.uri.startswith("models:/")
 
-    def encoders(self) -> list[tuple[str, dict]]:
-        """(name, encoder config with fingerprint) per LLM, in the model's order."""
-        entries = self.config.get("encoders") or []
-        if isinstance(entries, dict):
-            entries = [{"name": name, **cfg} for name, cfg in entries.items()]
-        out = []
-        for i, entry in enumerate(entries):
-            entry = dict(entry)
-            out.append((str(entry.pop("name", f"encoder{i}")), entry))
-        if not out:
-            raise LiditError(f"{self.uri}: config.yaml lists no encoders")
-        return out
+    def encoders(self) -> list[tuple[str, EncoderConfig, str | None]]:
+        """(name, encoder config, stored feature dtype) per LLM, in the model's order."""
+        from lidit.models.generate import encoder_entries
+
+        try:
+            return encoder_entries(self.config)
+        except ValueError as err:
+            raise LiditError(f"{self.uri}: {err}") from None
 
 
-def _newest_checkpoint(folder: str) -> Path:
-    root = Path(folder)
-    if (root / "config.yaml").is_file():
-        return root
-    found = [p.parent for p in root.glob("*/config.yaml")] if root.is_dir() else []
+def local_checkpoints(root: str) -> dict[str, Path]:
+    """Checkpoint folders (config.yaml + model.safetensors) at `root` or up to three levels below it,
+    e.g. a train `output` (<output>/<name>/checkpoint_<step>/), keyed by their path under `root`."""
+    base = Path(root)
+    found = {}
+    for depth in range(4):
+        for config in base.glob("/".join(["*"] * depth + ["config.yaml"])):
+            folder = config.parent
+            parts = folder.relative_to(base).parts
+            if (folder / "model.safetensors").is_file() and not any(p.startswith(".") or p == "mlartifacts"
+                                                                    for p in parts):
+                found["/".join(parts) or base.name] = folder
+    return found
+
+
+def _newest(root: str) -> tuple[str, Path]:
+    found = local_checkpoints(root)
     if not found:
-        raise LiditError(f"--local {folder}: no checkpoint (a folder with config.yaml) there or one level down")
-    return max(found, key=lambda p: ((p / "config.yaml").stat().st_mtime_ns, p.name))
-
-
-def _client(source: ModelSource):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=source.tracking_uri, registry_uri=source.tracking_uri)
+        raise LiditError(f"--local {root}: no checkpoint (config.yaml + model.safetensors) there or below")
+    return max(found.items(), key=lambda item: ((item[1] / "config.yaml").stat().st_mtime_ns, item[0]))
 
 
 def current_version(source: ModelSource) -> str:
     """The version the source points at now (cheap: one registry call, or a folder listing)."""
     if source.local:
-        return _newest_checkpoint(source.uri).name
-    from mlflow.exceptions import MlflowException
-
-    target = source.uri.removeprefix("models:/")
-    try:
-        if source.alias is not None:
-            return str(_client(source).get_model_version_by_alias(source.name, source.alias).version)
-        name, _, version = target.partition("/")
-        return str(_client(source).get_model_version(name, version).version)
-    except MlflowException as err:
-        raise LiditError(f"{source.uri}: {str(err).splitlines()[0]}") from None
+        return _newest(source.uri)[0]
+    name, alias, version = parse_model_uri(source.uri)
+    info = registry.alias_version(source.tracking_uri, name, alias) if alias else \
+        registry.get_version(source.tracking_uri, name, version)
+    if info is None:
+        raise LiditError(f"{source.uri}: no such alias")
+    return info.version
 
 
 def describe(source: ModelSource, version: str) -> ModelRef:
     """The `ModelRef` of one version: its config.yaml only, no weights."""
-    import yaml
-
     if source.local:
-        folder = _newest_checkpoint(source.uri)
-        folder = folder if folder.name == version else folder.parent / version
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        return ModelRef("local", version, None, str(folder), config)
+        folder = local_checkpoints(source.uri).get(version)
+        if folder is None:
+            raise LiditError(f"--local {source.uri}: checkpoint {version} is gone")
+        return ModelRef("local", version, None, str(folder), yaml.safe_load((folder / "config.yaml").read_text()))
     import mlflow
 
-    uri = f"models:/{source.name}/{version}"
-    path = mlflow.artifacts.download_artifacts(f"{uri}/config.yaml", tracking_uri=source.tracking_uri)
+    name = parse_model_uri(source.uri)[0]
+    # the version's own source: MLflow would resolve models:/ URIs against the global registry URI
+    root = registry.client(source.tracking_uri).get_model_version_download_uri(name, version)
+    path = mlflow.artifacts.download_artifacts(f"{root.rstrip('/')}/config.yaml", tracking_uri=source.tracking_uri)
     config = yaml.safe_load(Path(path).read_text())
-    return ModelRef(source.name, version, source.alias, uri, config)
+    return ModelRef(name, version, source.alias, f"models:/{name}/{version}", config)
 
 
-def checkpoint_folder(ref: ModelRef, tracking_uri: str | None, cache: str | os.PathLike | None = None) -> str:
+def checkpoint_folder(ref: ModelRef, tracking_uri: str | None) -> str:
     """A local folder with the version's weights: the folder itself, or a once-per-version download."""
-    if ref.local:
-        return ref.uri
-    import mlflow
-
-    from lidit.platform.storage import cache_dir
-
-    target = Path(cache or cache_dir()) / "serve" / ref.name / ref.version
-    if (target / ".lidit-complete").exists():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = mlflow.artifacts.download_artifacts(ref.uri, dst_path=str(target), tracking_uri=tracking_uri)
-    (target / ".lidit-complete").write_text(ref.uri)
-    return path
+    return ref.uri if ref.local else registry.resolve(ref.uri, tracking_uri).folder
 
 
 def model_source(spec: ServeSpec) -> ModelSource:
     if spec.local is not None:
         return ModelSource(str(Path(spec.local).resolve()), local=True)
-    tracking_uri = spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return ModelSource(spec.model_uri, tracking_uri)
+    registry.parse_model_uri(spec.model_uri)
+    return ModelSource(spec.model_uri, tracking.tracking_uri(spec.tracking, spec.workdir))
 
 
 # ---- deploy --------------------------------------------------------------------------------------------
@@ -283,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default=str(DEFAULT_CONFIG), help="YAML spec (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field, e.g. --set port=8080 (repeatable)")
-    parser.add_argument("--local", nargs="?", const=".lidit/demo/checkpoints", default=None, metavar="FOLDER",
+    parser.add_argument("--local", nargs="?", const=".lidit", default=None, metavar="FOLDER",
                         help="serve the newest checkpoint under FOLDER (default %(const)s) without a registry")
     parser.add_argument("--model", default=None, help="registry URI, e.g. models:/lidit@candidate")
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")

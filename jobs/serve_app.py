@@ -13,6 +13,7 @@ per version (the previous one stays loaded), so requests in flight finish on the
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 import random
@@ -34,7 +35,10 @@ from lidit.jobs.serve import ModelRef, ModelSource, ServeSpec, checkpoint_folder
 from lidit.jobs.serve_api import MAX_SEED, ApiError, Generation, Limits, check_bearer, parse_json, validate_request
 from lidit.models import DiffusionSchedule, EncoderConfig, LLMPromptEncoder, PromptFeatures, codec_from_config, sample
 from lidit.models.checkpoint import load_checkpoint
+from lidit.models.codecs import IdentityCodec
+from lidit.models.encoders import DTYPES, folder_revision
 from lidit.platform import config as platform_config
+from lidit.platform.storage import local_copy
 
 log = logging.getLogger("lidit.serve")
 PLAYGROUND = Path(platform_config.__file__).parent / "static" / "playground.html"  # package data of lidit.platform
@@ -76,57 +80,57 @@ class PromptEncoder:
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    async def _encoder(self, config: dict) -> LLMPromptEncoder:
-        key = config["fingerprint"]
+    async def _encoder(self, config: EncoderConfig) -> LLMPromptEncoder:
+        key = config.fingerprint()
         async with self.lock:
             if key not in self.encoders:
                 self.encoders.put(key, await asyncio.to_thread(self._load, config))
             self.encoders.move_to_end(key)
             return self.encoders[key]
 
-    def _load(self, config: dict) -> LLMPromptEncoder:
-        from lidit.models.encoders import folder_revision
-        from lidit.platform.storage import local_copy
+    def _load(self, config: EncoderConfig) -> LLMPromptEncoder:
+        """The LLM from the path the checkpoint recorded (s3:// copied once), checked to be the same files."""
+        path = local_copy(config.path)
+        if config.revision is not None and folder_revision(path) != config.revision:
+            raise RuntimeError(f"encoder {self.name}: {config.path} does not hold the LLM the model was trained "
+                               f"with (revision {config.revision})")
+        log.info("encoder %s: loading %s (fingerprint %s)", self.name, config.path, config.fingerprint())
+        return LLMPromptEncoder(dataclasses.replace(config, path=path), device=self.device)
 
-        path = local_copy(config["path"])
-        encoder_config = EncoderConfig.from_dict({**config, "path": path})
-        if encoder_config.revision is not None and folder_revision(path) != encoder_config.revision:
-            raise RuntimeError(f"encoder {self.name}: the LLM at {config['path']} is not the one the model was "
-                               f"trained with (revision {encoder_config.revision})")
-        log.info("encoder %s: loading %s (fingerprint %s)", self.name, config["path"], config["fingerprint"])
-        return LLMPromptEncoder(encoder_config, device=self.device)
-
-    async def prepare(self, config: dict) -> dict:
+    async def prepare(self, config: EncoderConfig) -> dict:
         """Load the encoder a model version needs (before that version takes traffic)."""
         encoder = await self._encoder(config)
-        return {"name": self.name, "fingerprint": encoder.fingerprint, "max_tokens": encoder.config.max_tokens}
+        return {"name": self.name, "fingerprint": encoder.fingerprint, "max_tokens": config.max_tokens}
 
-    async def __call__(self, config: dict, text: str) -> EncodedText:
-        return await self.encode_batch((config, text))
+    async def __call__(self, config: EncoderConfig, stored_dtype: str | None, text: str) -> EncodedText:
+        return await self.encode_batch((config, stored_dtype, text))
 
     @serve.batch
-    async def encode_batch(self, items: list[tuple[dict, str]]) -> list[EncodedText]:
+    async def encode_batch(self, items: list[tuple[EncoderConfig, str | None, str]]) -> list[EncodedText]:
         out: list[EncodedText | None] = [None] * len(items)
-        groups: dict[str, list[int]] = {}
-        for i, (config, _) in enumerate(items):
-            groups.setdefault(config["fingerprint"], []).append(i)
-        for rows in groups.values():
+        groups: dict[tuple, list[int]] = {}
+        for i, (config, stored, _) in enumerate(items):
+            groups.setdefault((config.fingerprint(), stored), []).append(i)
+        for (_, stored), rows in groups.items():
             encoder = await self._encoder(items[rows[0]][0])
-            encoded = await asyncio.to_thread(self._encode, encoder, [items[i][1] for i in rows])
+            encoded = await asyncio.to_thread(self._encode, encoder, stored, [items[i][2] for i in rows])
             for i, result in zip(rows, encoded):
                 out[i] = result
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _encode(encoder: LLMPromptEncoder, texts: list[str]) -> list[EncodedText]:
+    def _encode(encoder: LLMPromptEncoder, stored_dtype: str | None, texts: list[str]) -> list[EncodedText]:
+        """As `TextToImagePipeline.encode`: features rounded to the dtype training stored them in."""
         captions = encoder.encode_captions(texts, batch_size=len(texts))
-        prefix = encoder.encode_prefix().cpu() if not encoder.config.cut_instruction else None
+        prefix = None if encoder.config.cut_instruction else encoder.encode_prefix().cpu()
         out = []
         for i, cut in enumerate(captions.truncated):
             states = captions.states[i, : int(captions.lengths[i])].cpu()
             if prefix is not None:
                 states = torch.cat([prefix.to(states.dtype), states])
-            out.append(EncodedText(states, 0 if prefix is None else prefix.shape[0], cut))
+            if stored_dtype in DTYPES:
+                states = states.to(DTYPES[stored_dtype])
+            out.append(EncodedText(states.float(), 0 if prefix is None else prefix.shape[0], cut))
         return out
 
 
@@ -199,12 +203,12 @@ class Denoiser:
         model, config = load_checkpoint(folder, use_ema=True, device=self.device)
         model = model.to(self.dtype)
         codec = codec_from_config(config["codec"], device=self.device)
-        schedule = DiffusionSchedule(**config.get("schedule", {}))
-        size = config.get("image_size", 32)
-        height, width = (size, size) if isinstance(size, int) else size
+        schedule = DiffusionSchedule(**config["schedule"]) if config.get("schedule") else DiffusionSchedule()
+        size = config.get("image_size") or 32
+        height, width = (size, size) if isinstance(size, int) else (int(size[-2]), int(size[-1]))
         facts = {"patch_size": model.config.patch_size, "downsample": codec.downsample, "channels": codec.channels,
                  "height": height, "width": width, "parameters": model.num_params()}
-        return _Model(model, codec, schedule, 1.0 if config["codec"].get("kind") == "identity" else None, facts)
+        return _Model(model, codec, schedule, 1.0 if isinstance(codec, IdentityCodec) else None, facts)
 
     async def prepare(self, ref: ModelRef) -> dict:
         """Load a version before it takes traffic; returns what the ingress needs for its limits."""
@@ -300,12 +304,12 @@ class Ingress:
 
     async def _activate(self, ref: ModelRef) -> None:
         """Load `ref` in every downstream deployment, then make it the version new requests get."""
-        names = [name for name, _ in ref.encoders()]
+        names = [name for name, _, _ in ref.encoders()]
         if sorted(names) != sorted(self.encoders):
             raise RuntimeError(f"version {ref.version} needs encoders {names}, this application serves "
                                f"{sorted(self.encoders)}: deploy it anew")
         facts, *encoders = await asyncio.gather(
-            self.denoiser.prepare.remote(ref), *(self.encoders[n].prepare.remote(c) for n, c in ref.encoders()))
+            self.denoiser.prepare.remote(ref), *(self.encoders[n].prepare.remote(c) for n, c, _ in ref.encoders()))
         spec = self.settings["limits"]
         limits = Limits(
             max_n=spec["max_n"], min_size=spec["min_size"], max_size=spec["max_size"],
@@ -395,12 +399,12 @@ class Ingress:
         gen = validate_request(data, limits, random.randrange(MAX_SEED - limits.max_n))
         prompts = [gen.prompt] + ([gen.negative_prompt] if gen.negative_prompt else [])
         encoders = ref.encoders()
-        encoded = await asyncio.gather(*(self.encoders[name].remote(config, text)
-                                         for text in prompts for name, config in encoders))
+        encoded = await asyncio.gather(*(self.encoders[name].remote(config, stored, text)
+                                         for text in prompts for name, config, stored in encoders))
         truncated = max(e.truncated for e in encoded)
         if truncated and self.settings["limits"]["long_prompt"] == "reject":
             field = "prompt" if max(e.truncated for e in encoded[: len(encoders)]) else "negative_prompt"
-            limit = min(config.get("max_tokens", 0) for _, config in encoders)
+            limit = min(config.max_tokens for _, config, _ in encoders)
             raise ApiError(422, f"{field}: {truncated} token(s) over the encoder limit of {limit} tokens "
                                 f"(template included); shorten it", field)
         job = DenoiseJob(list(encoded[: len(encoders)]), list(encoded[len(encoders):]) or None, gen.seeds,
@@ -427,7 +431,7 @@ def build_app(spec: ServeSpec, source: ModelSource, ref: ModelRef, auth_digest: 
     encoders = {
         name: PromptEncoder.options(name=f"PromptEncoder_{name}", **spec.encoder.options()).bind(
             name, spec.device, spec.encoder.max_batch_size, spec.encoder.batch_wait_timeout_s)
-        for name, _ in ref.encoders()
+        for name, _, _ in ref.encoders()
     }
     denoiser = Denoiser.options(**spec.denoiser.options()).bind(
         source.tracking_uri, spec.device, spec.dtype, spec.denoiser.max_batch_size, spec.denoiser.batch_wait_timeout_s)

@@ -1,0 +1,275 @@
+"""`lidit serve` on real Ray Serve (127.0.0.1, a free port), a real MLflow registry and real HTTP.
+
+Two applications share the Serve proxy: `/reg` serves `models:/<name>@champion` from the registry with
+bearer auth on (and the alias is moved under load), `/local` serves the newest local checkpoint with auth
+off and truncation of long prompts (and is driven from headless Chromium). The tiny checkpoints are
+random-init LI-DiT tiny with every weight jittered, so that the prompt reaches the image.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")]
+
+MODEL = "lidit-serve-test"
+TOKEN_ENV = "LIDIT_SERVE_TEST_TOKEN"
+TOKEN = "serve-test-token"
+PROMPT = "a red circle to the left of a blue square"
+
+
+def make_checkpoint(folder: Path, llms: dict[str, str], seed: int) -> str:
+    """Tiny LI-DiT over the two tiny LLMs; weights jittered (zero-init gates would ignore the text)."""
+    from lidit.models import EncoderConfig, LiDiT, lidit_config, save_checkpoint
+
+    encoders = [{"name": "llama", **EncoderConfig(path=llms["tiny-llama"], max_tokens=24).to_dict()},
+                {"name": "qwen2", **EncoderConfig(path=llms["tiny-qwen2"], max_tokens=24).to_dict()}]
+    torch.manual_seed(seed)
+    model = LiDiT(lidit_config("tiny"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    save_checkpoint(str(folder), model, None, {"encoders": encoders, "codec": {"kind": "identity"}, "image_size": 32})
+    return str(folder)
+
+
+def wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} not ready"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
+    from ray import serve as ray_serve
+
+    from lidit.jobs.serve import ServeSpec, serve
+    from lidit.platform import registry
+    from lidit.platform.config import load_spec
+    from servers import free_port  # tests/servers.py (conftest puts tests/ on sys.path)
+
+    root = tmp_path_factory.mktemp("serve")
+    v1 = make_checkpoint(root / "v1", tiny_llms, seed=1)
+    v2 = make_checkpoint(root / "v2", tiny_llms, seed=2)
+    runs = root / "runs"
+    make_checkpoint(runs / "old" / "checkpoint_00000001", tiny_llms, seed=3)
+    time.sleep(0.05)
+    newest = make_checkpoint(runs / "new" / "checkpoint_00000002", tiny_llms, seed=4)
+    first = registry.register_checkpoint(mlflow_server, v1, name=MODEL, alias="champion")
+    second = registry.register_checkpoint(mlflow_server, v2, name=MODEL, alias=None)
+
+    port = free_port()
+    common = [f"port={port}", "poll_interval_s=1", "encoder.num_cpus=0", "denoiser.num_cpus=0", "ingress.num_cpus=0",
+              "limits.max_steps=20", "limits.default_steps=4"]
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        reg = serve(load_spec(ServeSpec, None, common + [
+            f"model_uri=models:/{MODEL}@champion", f"tracking.tracking_uri={mlflow_server}", "app_name=serve-reg",
+            "route_prefix=/reg", f"auth_token_env={TOKEN_ENV}"]))
+        local = serve(load_spec(ServeSpec, None, common + [
+            f"local={runs}", "app_name=serve-local", "route_prefix=/local", "auth_token_env=null",
+            "limits.long_prompt=truncate", "denoiser.batch_wait_timeout_s=0.2", "encoder.batch_wait_timeout_s=0.1"]))
+        wait_ready(reg.url)
+        wait_ready(local.url)
+        yield {"reg": reg, "local": local, "v1": v1, "v2": v2, "first": first, "second": second,
+               "newest": newest, "tracking_uri": mlflow_server}
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+        for name in ("serve-reg", "serve-local"):
+            ray_serve.delete(name)
+        ray_serve.shutdown()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def post(url: str, body: dict | bytes, headers: dict = AUTH) -> requests.Response:
+    kwargs = {"data": body} if isinstance(body, bytes) else {"json": body}
+    return requests.post(f"{url}/v1/images", headers=headers, timeout=120, **kwargs)
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_models_reports_version_alias_and_encoder_fingerprints(apps):
+    import yaml
+
+    url = apps["reg"].url
+    info = requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()
+    model = info["data"][0]
+    assert (model["name"], model["alias"], model["uri"]) == (MODEL, "champion", f"models:/{MODEL}/{model['version']}")
+    config = yaml.safe_load(Path(apps["v1"], "config.yaml").read_text())
+    assert {e["name"]: e["fingerprint"] for e in model["encoders"]} == {
+        e["name"]: e["fingerprint"] for e in config["encoders"]}
+    assert model["image_size"] == [32, 32] and info["limits"]["size_multiple"] == 2 and info["auth"] is True
+    assert requests.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"  # health needs no token
+
+
+def test_auth_on_refuses_missing_or_wrong_tokens(apps):
+    url = apps["reg"].url
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}):
+        for response in (post(url, {"prompt": PROMPT}, headers),
+                         requests.get(f"{url}/v1/models", headers=headers, timeout=30)):
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["field"] == "authorization"
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_same_seed_and_parameters_give_the_same_image_as_the_pipeline(apps):
+    from lidit.models.generate import TextToImagePipeline
+
+    url = apps["reg"].url
+    body = {"prompt": PROMPT, "seed": 11, "steps": 4, "guidance": 3.0}
+    first, again = post(url, body), post(url, body)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.content == again.content
+    assert (first.headers["X-Lidit-Seed"], first.headers["X-Lidit-Model-Version"]) == ("11", apps["first"].version)
+    assert post(url, {**body, "seed": 12}).content != first.content
+    assert post(url, {**body, "prompt": "two green triangles above a yellow star"}).content != first.content
+    pipeline = TextToImagePipeline.from_checkpoint(apps["v1"])
+    expected = pipeline.generate([PROMPT], seeds=[11], steps=4, guidance=3.0)[0].numpy()
+    assert np.abs(pixels(first.content).astype(int) - expected).max() <= 1  # float rounding across processes
+    several = post(url, {**body, "n": 2, "response_format": "b64_json"}).json()
+    assert [d["seed"] for d in several["data"]] == [11, 12] and several["version"] == apps["first"].version
+    image0 = pixels(base64.b64decode(several["data"][0]["b64_json"]))
+    assert np.abs(image0.astype(int) - pixels(first.content)).max() <= 1
+
+
+BAD = [
+    (b"{not json", 400, "body"),
+    (b'["a list"]', 400, "body"),
+    (b'{"prompt": "x", "guidance": Infinity}', 400, "body"),
+    (b"{" + b'"prompt": "' + b"x" * 70000 + b'"}', 413, "body"),
+    ({"negative_prompt": "x"}, 422, "prompt"),
+    ({"prompt": "   "}, 422, "prompt"),
+    ({"prompt": " ".join(["red circle"] * 40)}, 422, "prompt"),  # over the encoders' 24 tokens
+    ({"prompt": PROMPT, "negative_prompt": " ".join(["blue"] * 40)}, 422, "negative_prompt"),
+    ({"prompt": PROMPT, "n": 9, "response_format": "b64_json"}, 422, "n"),
+    ({"prompt": PROMPT, "steps": 21}, 422, "steps"),
+    ({"prompt": PROMPT, "steps": 0}, 422, "steps"),
+    ({"prompt": PROMPT, "width": 1024}, 422, "width"),
+    ({"prompt": PROMPT, "height": 33}, 422, "height"),
+    ({"prompt": PROMPT, "steps": "4"}, 422, "steps"),
+    ({"prompt": PROMPT, "seed": 1.5}, 422, "seed"),
+    ({"prompt": ["a", "b"]}, 422, "prompt"),
+    ({"prompt": PROMPT, "response_format": "url"}, 422, "response_format"),
+    ({"prompt": PROMPT, "size": "1024x1024"}, 422, "size"),
+]
+
+
+@pytest.mark.parametrize("body, status, field", BAD, ids=[f"{s}-{f}-{i}" for i, (_, s, f) in enumerate(BAD)])
+def test_every_bad_input_class_gets_its_4xx_json_over_http(apps, body, status, field):
+    response = post(apps["reg"].url, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and error["message"].startswith(f"{field}:")
+
+
+def test_routing_errors_are_json_too(apps):
+    url = apps["reg"].url
+    assert requests.get(f"{url}/v1/images", headers=AUTH, timeout=30).status_code == 405
+    missing = requests.get(f"{url}/v2/nothing", headers=AUTH, timeout=30)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_local_mode_serves_the_newest_checkpoint_without_auth(apps):
+    url = apps["local"].url
+    model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    assert (model["name"], model["version"], model["uri"]) == ("local", "new/checkpoint_00000002", apps["newest"])
+    long = post(url, {"prompt": " ".join(["red circle"] * 40), "seed": 1}, headers={})
+    assert long.status_code == 200 and int(long.headers["X-Lidit-Truncated-Tokens"]) > 0
+
+
+def test_concurrent_requests_share_a_denoiser_batch(apps):
+    url = apps["local"].url
+    results: list[requests.Response] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(post(url, {"prompt": PROMPT, "seed": i}, {})))
+               for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status_code for r in results] == [200] * 6
+    assert max(int(r.headers["X-Lidit-Batch-Images"]) for r in results) > 1
+
+
+def test_alias_switch_is_picked_up_without_a_failed_request(apps):
+    from lidit.platform import registry
+
+    url, old, new = apps["reg"].url, apps["first"].version, apps["second"].version
+    body = {"prompt": PROMPT, "seed": 5, "steps": 2}
+    reference = {old: post(url, body).content}
+    log: list[tuple[float, float, int, str, bytes]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            response = post(url, body)
+            log.append((start, time.monotonic(), response.status_code,
+                        response.headers.get("X-Lidit-Model-Version", ""), response.content))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    registry.promote(apps["tracking_uri"], MODEL, new, benchmark="serve-test", force=True)
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["version"] != new:
+        assert time.monotonic() < deadline, "the alias move was not picked up"
+        time.sleep(0.2)
+    switched = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert [entry[2] for entry in log] == [200] * len(log)
+    versions = {entry[3] for entry in log}
+    assert versions == {old, new}
+    reference[new] = next(entry[4] for entry in log if entry[3] == new)
+    assert reference[new] != reference[old]
+    for start, _, _, version, content in log:
+        assert content == reference[version]  # every answer is wholly one version's, in flight included
+        if start > switched:
+            assert version == new
+
+
+def test_playground_in_headless_chromium(apps, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url = apps["local"].url + "/"
+    shot = tmp_path / "playground.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1000, "height": 640})
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('version')")
+        page.fill("#prompt", "two green triangles above a yellow star")
+        page.fill("#seed", "7")
+        page.fill("#steps", "4")
+        page.fill("#guidance", "3")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('status').textContent.includes('seed 7')", timeout=60000)
+        assert page.text_content("#error") == ""
+        assert "new/checkpoint_00000002" in page.text_content("#model")
+        assert "version new/checkpoint_00000002" in page.text_content("#status")
+        page.screenshot(path=str(shot))
+        image = page.locator("#image").screenshot()
+        browser.close()
+    shown = np.asarray(Image.open(io.BytesIO(image)).convert("RGB")).astype(float)
+    assert shown.std() > 20 and len(np.unique(shown.reshape(-1, 3), axis=0)) > 50  # a real image, not blank
+    assert shot.stat().st_size > 10_000
