@@ -71,14 +71,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def precompute(spec: PrecomputeSpec):
     """Run the pipeline for a validated spec (Ray is started or attached here)."""
-    from lidit.pipelines.precompute import StageResources, run_precompute
     from lidit.platform import storage as st
-    from lidit.platform.cluster import init_ray
 
-    # fail fast, before Ray starts: a missing input or an unreachable endpoint is a one-line LiditError
+    # fail fast, before torch, Ray or a model loads: a missing input or an unreachable endpoint is one line
     if not st.expand(spec.input, spec.storage):
         raise LiditError(f"{spec.input}: no input shards found")
     st.exists(spec.output, spec.storage)
+
+    from lidit.pipelines.precompute import StageResources, run_precompute
+    from lidit.platform.cluster import init_ray
+
     init_ray(spec.ray.address, spec.ray.num_cpus)
     codec = spec.codec
     return run_precompute(

@@ -131,7 +131,10 @@ class EncodeCaptions:
     def __init__(self, plan: EncoderPlan, store_dtype: str, storage: StorageSpec | None = None) -> None:
         self.name, self.store_dtype = plan.spec.name, store_dtype
         self.batch_size = plan.spec.batch_size
-        self.encoder = LLMPromptEncoder(plan.config(st.local_copy(plan.spec.path, storage)), device_for_actor())
+        device = device_for_actor()
+        if device == "cpu":  # intra-op threads = the CPUs the actor holds
+            torch.set_num_threads(max(1, int(plan.spec.num_cpus)))
+        self.encoder = LLMPromptEncoder(plan.config(st.local_copy(plan.spec.path, storage)), device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         captions = batch.column("caption").to_pylist()
