@@ -22,8 +22,9 @@ from lidit.models.lidit import LiDiT
 def encoder_entries(config: dict) -> list[tuple[str, EncoderConfig, str | None]]:
     """(name, EncoderConfig, stored feature dtype or None) per LLM from a checkpoint's `encoders` entry.
 
-    Accepts a list of dicts with a `name` (flat EncoderConfig fields, or a nested `config` as the shard
-    manifest writes it, whose top-level `dtype` is then the stored dtype) or a mapping name -> fields."""
+    Accepts a list of dicts with a `name` (flat EncoderConfig fields plus `stored_dtype`, as training
+    writes them, or a nested `config` as the shard manifest does, whose top-level `dtype` is then the
+    stored dtype) or a mapping name -> fields."""
     entries = config.get("encoders")
     if isinstance(entries, dict):
         entries = [{"name": name, **fields} for name, fields in entries.items()]
@@ -33,7 +34,7 @@ def encoder_entries(config: dict) -> list[tuple[str, EncoderConfig, str | None]]
     for index, entry in enumerate(entries):
         entry = dict(entry)
         name = str(entry.pop("name", f"encoder{index}"))
-        stored = None
+        stored = entry.get("stored_dtype")
         if isinstance(entry.get("config"), dict):
             stored = entry.get("dtype")
             fingerprint = entry.get("fingerprint")
@@ -46,8 +47,11 @@ def encoder_entries(config: dict) -> list[tuple[str, EncoderConfig, str | None]]
     return out
 
 
-def _image_size(config: dict) -> tuple[int, int] | None:
+def _image_size(config: dict, codec: ImageCodec) -> tuple[int, int] | None:
+    """Pixel size from `image_size` (int or [H, W]), else from the latent `image_shape` [C, h, w]."""
     size = config.get("image_size")
+    if size is None and config.get("image_shape"):
+        return tuple(int(n) * codec.downsample for n in config["image_shape"][-2:])
     if size is None:
         return None
     if isinstance(size, int):
@@ -102,7 +106,7 @@ class TextToImagePipeline:
             stored[name] = stored_dtype
         schedule = DiffusionSchedule(**config["schedule"]) if config.get("schedule") else DiffusionSchedule()
         codec = codec_from_config(config["codec"], device=device)
-        return cls(model, encoders, codec, schedule, _image_size(config), stored)
+        return cls(model, encoders, codec, schedule, _image_size(config, codec), stored)
 
     @property
     def encoder_names(self) -> list[str]:

@@ -174,8 +174,11 @@ def register_checkpoint(
     version_tags = {**encoder_tags(config), "lidit.checkpoint": os.path.abspath(folder) if not storage.is_remote(folder) else folder}
     if training_run:
         version_tags["lidit.training_run"] = training_run
-    if dataset or config.get("dataset"):
-        version_tags["lidit.dataset"] = str(dataset or config.get("dataset"))
+    recorded = config.get("dataset")
+    if isinstance(recorded, dict):  # training writes {uri, fingerprint}
+        recorded = f"{recorded.get('uri')}@{recorded.get('fingerprint')}"
+    if dataset or recorded:
+        version_tags["lidit.dataset"] = str(dataset or recorded)
     version_tags.update(tags or {})
     run = _call("create run", mlflow_client.create_run, exp_id, run_name=f"register {Path(folder).name}",
                 tags={"lidit.job": "register", **version_tags})

@@ -15,17 +15,25 @@ def checkpoint(tiny_llms, tmp_path_factory):
     model = LiDiT(lidit_config("tiny", encoder_dims=[64, 96]))
     for p in model.parameters():  # a random model with non-zero adaLN gates, so text matters
         p.data.add_(0.02 * torch.randn_like(p))
-    encoders = [{"name": "tiny_llama", **EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False).to_dict()},
-                {"name": "tiny_qwen2", **EncoderConfig(tiny_llms["tiny-qwen2"]).to_dict()}]
+    # as training writes it: flat encoder fields + name + stored dtype, the latent image shape
+    encoders = [{"name": "tiny_llama", "stored_dtype": "float16",
+                 **EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False).to_dict()},
+                {"name": "tiny_qwen2", "stored_dtype": "bfloat16", **EncoderConfig(tiny_llms["tiny-qwen2"]).to_dict()}]
     folder = tmp_path_factory.mktemp("ckpt") / "step_000000"
     save_checkpoint(str(folder), model, model, {"encoders": encoders, "codec": IdentityCodec().config(),
-                                                "image_size": 16, "schedule": {"num_steps": 100}})
+                                                "image_shape": [3, 16, 16], "schedule": {"num_steps": 100}})
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def pipeline(checkpoint):
     return TextToImagePipeline.from_checkpoint(checkpoint)
+
+
+def test_checkpoint_metadata_is_read(pipeline):
+    assert pipeline.image_size == (16, 16) and pipeline.schedule.num_steps == 100
+    assert pipeline.feature_dtypes == {"tiny_llama": "float16", "tiny_qwen2": "bfloat16"}
+    assert pipeline.encode(["a red circle"])[0].states.dtype == torch.float32
 
 
 def test_generate_is_deterministic_per_seed(pipeline):
