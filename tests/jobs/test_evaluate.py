@@ -1,0 +1,79 @@
+"""`lidit evaluate`: benchmark + probe + public grids for a registered version, recorded in MLflow."""
+
+import json
+import uuid
+
+import pytest
+
+from lidit.jobs.evaluate import BenchmarkSpec, EvaluateSpec, evaluate, grid, read_prompts, untrained_checkpoint
+from lidit.models import EncoderConfig
+from lidit.platform import registry
+from lidit.platform.cli import main
+from lidit.platform.config import LiditError, SpecError, load_spec
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_llms, tmp_path_factory):
+    encoders = {"tiny_llama": EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False),
+                "tiny_qwen2": EncoderConfig(tiny_llms["tiny-qwen2"])}
+    return untrained_checkpoint(str(tmp_path_factory.mktemp("untrained") / "checkpoint"), encoders, image_size=16)
+
+
+def test_benchmark_key_names_what_changes_the_scores():
+    assert BenchmarkSpec().key() == BenchmarkSpec(batch_size=3).key()
+    assert BenchmarkSpec().key() != BenchmarkSpec(steps=10).key()
+
+
+def test_evaluate_a_registered_version(untrained, mlflow_server, tmp_path):
+    name = f"lidit-eval-{uuid.uuid4().hex[:6]}"
+    version = registry.register_checkpoint(mlflow_server, untrained, name=name)
+    prompts = tmp_path / "geneval.jsonl"
+    prompts.write_text(json.dumps({"tag": "two_object", "prompt": "a photo of a red circle"}) + "\n"
+                       + json.dumps({"tag": "colors", "prompt": "a photo of a blue square"}) + "\n")
+    spec = EvaluateSpec(model=f"models:/{name}@candidate", output=str(tmp_path / "out"),
+                        benchmark={"prompts": 9, "steps": 2, "batch_size": 5},
+                        public=[{"name": "geneval", "path": str(prompts), "images_per_prompt": 2}],
+                        probe={"pairs": 3}, tracking={"tracking_uri": mlflow_server, "experiment": "eval-test"})
+    result = evaluate(spec)
+
+    assert {"color", "shape", "overall", "all_correct"} <= set(result.scores)
+    assert all(0.0 <= v <= 1.0 for v in result.scores.values())
+    assert result.scores["overall"] < 0.2  # an untrained model draws noise, not shapes
+    assert len(result.rows) == 9 and {r["kind"] for r in result.rows} <= {"single", "spatial", "count"}
+    assert [r["raw"] for r in result.probe] == [0.0, 0.0]
+
+    tags = registry.get_version(mlflow_server, name, version.version).tags
+    assert tags["lidit.eval.benchmark"] == result.benchmark
+    assert float(tags["lidit.eval.overall"]) == pytest.approx(result.scores["overall"], abs=1e-6)
+    assert tags["lidit.eval.run"] == result.run_id
+
+    client = registry.client(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.data.metrics["benchmark.overall"] == pytest.approx(result.scores["overall"])
+    assert "probe.tiny_llama.raw" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"benchmark.json", "benchmark_grid.png", "benchmark_table.json", "probe.json", "public"} <= artifacts
+
+    out = tmp_path / "out" / f"{name}-v{version.version}" / result.benchmark / "public" / "geneval"
+    assert json.loads((out / "00001" / "metadata.jsonl").read_text())["tag"] == "colors"
+    assert sorted(p.name for p in (out / "00000" / "samples").iterdir()) == ["0000.png", "0001.png"]
+    assert (out / "00000" / "grid.png").is_file() and len((out / "prompts.jsonl").read_text().splitlines()) == 2
+
+
+def test_grid_lays_out_rows_and_columns():
+    import numpy as np
+
+    images = np.ones((2, 3, 4, 4, 3), np.uint8) * 255
+    out = grid(images, pad=1)
+    assert out.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and out[1, 1, 0] == 255 and out[0, 0, 0] == 64
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
+    with pytest.raises(SpecError, match="benchmark.steps"):
+        load_spec(EvaluateSpec, None, ["model=x", "benchmark.steps=0"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": 1}) + "\n")
+    with pytest.raises(LiditError, match="public.dpg: record 0"):
+        read_prompts(EvaluateSpec(model="x", public=[{"name": "dpg", "path": str(bad)}]).public[0])
+    assert main(["evaluate", "--model", str(tmp_path / "missing"), "--set", "log_to_mlflow=false"]) == 1
+    assert "missing: not found" in capsys.readouterr().err
