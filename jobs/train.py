@@ -1,0 +1,321 @@
+"""`lidit train SPEC.yaml`: train LI-DiT (refiners + backbone) on precomputed Parquet shards with Ray Train.
+
+The driver validates the spec against the shards (encoder fingerprints), creates or reopens the MLflow
+run, and runs a `TorchTrainer` whose workers stream the shards (`lidit.jobs.train_loop`). The LLMs
+stay frozen and are never loaded: their hidden states are in the shards. Checkpoints go to
+`<output>/<name>/checkpoint_<step>/` (local or s3://); re-running the same spec resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from lidit.platform import storage
+from lidit.platform.config import (
+    EncoderSpec,
+    LiditError,
+    RaySpec,
+    ScalingSpec,
+    Spec,
+    SpecError,
+    StorageSpec,
+    TrackingSpec,
+)
+
+log = logging.getLogger(__name__)
+
+PRESET_NAMES = ("tiny", "small", "1b", "10b")
+FROM_SHARDS = ("in_channels", "encoder_dims")  # model fields the shards decide
+
+
+class ModelSpec(Spec):
+    """LI-DiT size preset plus field overrides; input channels and encoder widths come from the shards."""
+
+    preset: Literal["tiny", "small", "1b", "10b"] = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="LiDiTConfig fields, e.g. {depth: 4}")
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> "ModelSpec":
+        from lidit.models import LiDiTConfig
+
+        names = {f.name for f in dataclasses.fields(LiDiTConfig)}
+        for key in self.overrides:
+            if key in FROM_SHARDS:
+                raise ValueError(f"overrides.{key} is set by the shards (codec channels, encoder widths)")
+            if key not in names:
+                raise ValueError(f"overrides.{key} is not a LiDiTConfig field")
+        return self
+
+
+class OptimSpec(Spec):
+    """AdamW with linear warmup, then constant or cosine (DiT: constant 1e-4, no weight decay), EMA."""
+
+    lr: float = Field(1e-4, gt=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None = no clipping")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+
+
+class DataSpec(Spec):
+    """Where the embeddings are and how workers stream them."""
+
+    embeddings: str = Field(..., description="precompute data set folder (or its output root) local or s3://")
+    batch_size: int = Field(32, gt=0, description="rows per worker per micro-batch")
+    prefetch_batches: int = Field(2, ge=0)
+    shuffle_files: bool = True
+    local_shuffle_buffer: int = Field(0, ge=0, description="rows in the per-worker shuffle buffer; 0 = off")
+
+
+class DiffusionSpec(Spec):
+    num_steps: int = Field(1000, ge=2)
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
+
+
+class LoopSpec(Spec):
+    """The optimisation loop and the parallelisms applied to the model (`lidit.jobs.parallel`)."""
+
+    steps: int = Field(..., gt=0, description="optimizer steps in total (a rerun with more steps continues)")
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    compile: bool = False
+    activation_checkpointing: bool = False
+    log_every: int = Field(10, gt=0)
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class CheckpointSpec(Spec):
+    every_steps: int = Field(1000, gt=0)
+    num_to_keep: int = Field(2, gt=0)
+    log_final_to_mlflow: bool = True
+
+
+class SamplesSpec(Spec):
+    """Image grids for fixed eval prompts (the first rows of the shards), logged to MLflow."""
+
+    every_steps: int = Field(0, ge=0, description="0 = only at the end")
+    prompts: int = Field(4, ge=0, description="0 = no sample grids")
+    sampler_steps: int = Field(20, gt=0)
+    guidance: float = Field(4.0, ge=1)
+    seed: int = 0
+
+
+class ChaosSpec(Spec):
+    """Fault-tolerance drill: worker `rank` kills itself (SIGKILL) once when it reaches `at_step`."""
+
+    at_step: int = Field(..., gt=0)
+    rank: int = Field(0, ge=0)
+
+
+class TrainSpec(Spec):
+    name: str = Field("lidit", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="run name: Ray Train folder under `output` and MLflow run name")
+    output: str = Field(..., description="checkpoint storage: local folder or s3:// prefix")
+    workdir: str = Field(".lidit", description="local folder for the default sqlite MLflow store")
+    encoders: list[EncoderSpec] = Field(..., min_length=1, description="must match the shards' encoders")
+    data: DataSpec
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: LoopSpec
+    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    samples: SamplesSpec = Field(default_factory=SamplesSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    chaos: ChaosSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainSpec":
+        names = [e.name for e in self.encoders]
+        if len(set(names)) != len(names):
+            raise ValueError("encoders: names must be unique")
+        if self.chaos is not None and self.chaos.rank >= self.scaling.num_workers:
+            raise ValueError(f"chaos.rank {self.chaos.rank} >= scaling.num_workers {self.scaling.num_workers}")
+        if self.train.strategy == "fsdp" and self.train.compile and not self.scaling.use_gpu:
+            raise ValueError("train.compile with fsdp needs GPUs (scaling.use_gpu)")
+        return self
+
+
+@dataclasses.dataclass
+class TrainResult:
+    checkpoint_uri: str | None
+    run_id: str
+    final_step: int
+    metrics: dict[str, Any]
+
+
+# ---- the driver's checks -------------------------------------------------------------------------------
+
+def encoder_fingerprint(spec: EncoderSpec, storage_spec: StorageSpec | None = None) -> str:
+    """The feature fingerprint of an encoder spec (hashes the model files unless `revision` is set)."""
+    from lidit.models import EncoderConfig
+
+    fields = spec.model_fields_for_fingerprint()
+    if fields["revision"] is None:
+        fields["path"] = storage.local_copy(spec.path, storage_spec)
+    return EncoderConfig(**fields).fingerprint()
+
+
+def check_encoders(spec: TrainSpec, dataset) -> None:
+    """Refuse a model whose encoder specs do not match the shards, naming both sides."""
+    stored = dataset.encoders
+    if [e.name for e in spec.encoders] != [e.name for e in stored]:
+        raise SpecError(f"encoders: spec has {[e.name for e in spec.encoders]}, shards {dataset.uri} have "
+                        f"{[e.name for e in stored]} (same names, same order)")
+    for i, (wanted, have) in enumerate(zip(spec.encoders, stored)):
+        try:
+            fingerprint = encoder_fingerprint(wanted, spec.storage)
+        except ValueError as err:
+            raise SpecError(f"encoders.{i}.path: {err}") from None
+        if fingerprint != have.fingerprint:
+            raise SpecError(f"encoders.{i} ({wanted.name}): spec fingerprint {fingerprint} ({wanted.path}) does not "
+                            f"match the shards' {have.fingerprint} ({dataset.uri}, from {have.config.get('path')})")
+
+
+def model_config(spec: TrainSpec, dataset) -> dict:
+    """The LiDiTConfig for this spec and these shards, as a dict (it travels to the workers)."""
+    from lidit.models import lidit_config
+
+    channels, height, width = dataset.image_shape
+    try:
+        config = lidit_config(spec.model.preset, in_channels=channels,
+                              encoder_dims=[e.hidden_size for e in dataset.encoders], **spec.model.overrides)
+    except ValueError as err:
+        raise SpecError(f"model: {err}") from None
+    if height % config.patch_size or width % config.patch_size:
+        raise SpecError(f"model.overrides.patch_size: {config.patch_size} does not divide the shards' latents "
+                        f"{height}x{width}")
+    return config.to_dict()
+
+
+def checkpoint_metadata(dataset) -> dict:
+    """What every checkpoint's config.yaml records besides the model: encoders, codec, image size."""
+    encoders = [dict(e.config, name=e.name, fingerprint=e.fingerprint, hidden_size=e.hidden_size,
+                     stored_dtype=e.dtype, prefix_len=e.prefix_len) for e in dataset.encoders]
+    return {"encoders": encoders, "codec": dataset.codec, "image_shape": list(dataset.image_shape),
+            "dataset": {"uri": dataset.uri, "fingerprint": dataset.manifest.fingerprint}}
+
+
+def run_uri(spec: TrainSpec) -> str:
+    return storage.join(spec.output, spec.name)
+
+
+def latest_checkpoint(spec: TrainSpec, local_dir: str | None = None) -> str:
+    """A local folder holding the newest complete checkpoint of this spec's run (downloaded from s3://)."""
+    fs, root = storage.filesystem(run_uri(spec), spec.storage)
+    names = sorted(os.path.basename(p.rstrip("/")) for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
+                   if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
+    for name in reversed(names):
+        uri = storage.join(run_uri(spec), name)
+        if storage.exists(storage.join(uri, "config.yaml"), spec.storage):
+            if local_dir is None:
+                return storage.local_copy(uri, spec.storage)
+            return storage.download_dir(uri, local_dir, spec.storage)
+    raise LiditError(f"{run_uri(spec)}: no checkpoint yet")
+
+
+# ---- the job -------------------------------------------------------------------------------------------
+
+def build_dataset(spec: TrainSpec, dataset):
+    """Ray Data over the committed Parquet files; file order reshuffled per epoch from the seed."""
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    filesystem, _ = storage.arrow_filesystem(dataset.files[0], spec.storage)
+    paths = [storage.filesystem(f, spec.storage)[1] for f in dataset.files]
+    shuffle = FileShuffleConfig(seed=spec.train.seed, reseed_after_execution=True) if spec.data.shuffle_files else None
+    return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
+
+
+def train(spec: TrainSpec) -> TrainResult:
+    """Train (or resume) the run named by `spec.name`; returns where its final checkpoint is."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lidit.jobs.train_loop import train_loop_per_worker
+    from lidit.pipelines.shards import open_embeddings
+    from lidit.platform import tracking
+    from lidit.platform.cluster import init_ray
+
+    dataset = open_embeddings(spec.data.embeddings, spec.storage)
+    if not dataset.files:
+        raise LiditError(f"{dataset.uri}: no committed shards")
+    check_encoders(spec, dataset)
+    config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
+              "metadata": checkpoint_metadata(dataset)}
+
+    init_ray(spec.ray.address, spec.ray.num_cpus)
+    uri = tracking.tracking_uri(spec.tracking, spec.workdir)
+    run_id, resumed = tracking.start_run(uri, spec.tracking.experiment, spec.name,
+                                         tags={"lidit.job": "train", "lidit.dataset": dataset.manifest.fingerprint})
+    log.info("MLflow run %s (%s) at %s", run_id, "reopened" if resumed else "new", uri)
+    tracking.log_spec(uri, run_id, spec)
+    tracking.log_input_dataset(uri, run_id, name="embeddings", source=dataset.uri,
+                               digest=dataset.manifest.fingerprint,
+                               profile={"rows": dataset.num_rows, "files": len(dataset.files),
+                                        "encoders": {e.name: e.fingerprint for e in dataset.encoders},
+                                        "codec": dataset.codec, "image_shape": list(dataset.image_shape)})
+    config.update(tracking_uri=uri, run_id=run_id)
+
+    filesystem, path = storage.arrow_filesystem(spec.output, spec.storage)
+    if not storage.is_remote(spec.output):
+        os.makedirs(path, exist_ok=True)
+    gpus = spec.scaling.gpus_per_worker or (1.0 if spec.scaling.use_gpu else 0.0)
+    resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if spec.scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.name, storage_path=path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.num_to_keep),
+        ),
+        datasets={"train": build_dataset(spec, dataset)},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    metrics = dict(result.metrics or {})
+    checkpoint_uri = None
+    if result.checkpoint is not None:
+        checkpoint_uri = result.checkpoint.path
+        if storage.is_remote(spec.output):
+            checkpoint_uri = spec.output.split("://", 1)[0] + "://" + checkpoint_uri.lstrip("/")
+    return TrainResult(checkpoint_uri, run_id, int(metrics.get("step", 0)), metrics)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lidit.platform.cli import add_spec_arguments
+
+    add_spec_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lidit.platform.config import load_spec
+
+    spec = load_spec(TrainSpec, args.spec, args.overrides)
+    result = train(spec)
+    print(f"lidit train: run {result.run_id} finished at step {result.final_step}; "
+          f"checkpoint {result.checkpoint_uri}")
+    for key in ("loss", "images_per_s", "data_wait_fraction"):
+        if key in result.metrics:
+            print(f"  {key}: {result.metrics[key]:.4g}")
+    return 0

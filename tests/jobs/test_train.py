@@ -1,0 +1,119 @@
+"""`lidit train`: real Ray Train (2 CPU workers, gloo), tiny preset on tiny shards, MLflow server, S3 storage.
+
+A worker is killed mid-run (SIGKILL, once) and the job finishes from its last checkpoint; a rerun with more
+steps continues the same MLflow run; a mismatched encoder spec is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from lidit.jobs.bench_train import make_tiny_embeddings
+from lidit.jobs.train import TrainSpec, latest_checkpoint, train
+from lidit.platform import tracking
+from lidit.platform.config import SpecError
+
+
+@pytest.fixture(scope="module")
+def tiny_embeddings(tmp_path_factory, tiny_llms) -> str:
+    return make_tiny_embeddings(str(tmp_path_factory.mktemp("embeddings")), tiny_llms, rows=64, files=4)
+
+
+def make_spec(tiny_llms, embeddings: str, output: str, workdir: str, **sections) -> TrainSpec:
+    data = {
+        "name": "tiny-run", "output": output, "workdir": workdir,
+        "encoders": [{"name": "llama", "path": tiny_llms["tiny-llama"]}, {"name": "qwen", "path": tiny_llms["tiny-qwen2"]}],
+        "data": {"embeddings": embeddings, "batch_size": 8},
+        "optim": {"lr": 2e-3, "warmup_steps": 2, "ema_decay": 0.9},
+        "train": {"steps": 12, "log_every": 1},
+        "checkpoint": {"every_steps": 4, "num_to_keep": 2},
+        "samples": {"every_steps": 6, "prompts": 4, "sampler_steps": 4},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return TrainSpec.model_validate(data)
+
+
+def test_mismatched_encoder_is_refused_naming_both(tiny_llms, tiny_embeddings, tmp_path):
+    spec = make_spec(tiny_llms, tiny_embeddings, str(tmp_path / "out"), str(tmp_path),
+                     encoders=[{"name": "llama", "path": tiny_llms["tiny-llama"], "layer": -2},
+                               {"name": "qwen", "path": tiny_llms["tiny-qwen2"]}])
+    with pytest.raises(SpecError) as err:
+        train(spec)
+    message = str(err.value)
+    stored = json.loads((open(os.path.join(tiny_embeddings, "manifest.json")).read()))["encoders"][0]["fingerprint"]
+    assert message.startswith("encoders.0 (llama)") and stored in message and tiny_embeddings in message
+    assert not (tmp_path / "mlflow.db").exists(), "nothing may start before the spec is checked"
+
+
+def test_bad_spec_fails_in_the_cli_with_the_field_named(tmp_path, capsys):
+    from lidit.platform.cli import main
+
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"output": str(tmp_path), "encoders": [{"name": "a", "path": "x"}],
+                                    "data": {"embeddings": str(tmp_path)}, "train": {"steps": 0}}))
+    assert main(["train", str(path)]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    assert main(["train", str(path), "--set", "train.steps=3", "--set", "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown field" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3_server, tiny_llms, tiny_embeddings,
+                                                    tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    output = s3_server.bucket("train-runs") + "/runs"
+    spec = make_spec(tiny_llms, tiny_embeddings, output, str(tmp_path),
+                     tracking={"tracking_uri": mlflow_server, "experiment": "train-test"},
+                     storage={"key": s3_server.key, "secret": s3_server.secret, "endpoint_url": s3_server.endpoint_url},
+                     chaos={"at_step": 6, "rank": 1})
+    result = train(spec)
+
+    assert result.final_step == 12
+    assert result.checkpoint_uri.startswith("s3://") and result.checkpoint_uri.endswith("checkpoint_00000012")
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) >= 12
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    resumed = client.get_metric_history(result.run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [4.0], "the killed worker group restarts from the step-4 checkpoint"
+    for name in ("lr", "grad_norm", "images_per_s", "data_wait_fraction"):
+        assert client.get_metric_history(result.run_id, name), name
+    assert run.data.params["storage.secret"] == "***" and s3_server.secret not in json.dumps(run.data.params)
+    assert run.data.params["train.steps"] == "12"
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.digest == os.path.basename(tiny_embeddings)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"spec.yaml", "samples", "checkpoint"} <= artifacts
+    samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
+    assert {"samples/step_00000006.png", "samples/step_00000012.png", "samples/prompts.txt"} <= samples
+    assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(result.run_id, "checkpoint")}
+
+    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": 16}), "chaos": None})
+    again = train(longer)
+    assert again.run_id == result.run_id and again.final_step == 16
+    assert [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")] == [4.0, 12.0]
+    runs = client.search_runs([run.info.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'tiny-run'")
+    assert len(runs) == 1
+
+    from lidit.models import load_checkpoint
+
+    folder = latest_checkpoint(longer)
+    model, config = load_checkpoint(folder)
+    assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 16
+    assert [e["fingerprint"] for e in config["encoders"]] == [e.fingerprint for e in _encoders(tiny_embeddings)]
+    assert model.config.encoder_dims == [64, 96]
+
+
+def _encoders(uri: str):
+    from lidit.pipelines.shards import open_embeddings
+
+    return open_embeddings(uri).encoders
