@@ -117,8 +117,8 @@ def _client_process(url: str, clients: int, args: argparse.Namespace) -> dict:
 
 # ---- the benchmark --------------------------------------------------------------------------------------
 
-def _deploy(checkpoint: str, name: str, port: int, batch: int, args: argparse.Namespace):
-    from lidit.jobs.serve import ServeSpec, serve
+def _spec(checkpoint: str, name: str, port: int, batch: int, args: argparse.Namespace):
+    from lidit.jobs.serve import ServeSpec
     from lidit.platform.config import load_spec
 
     overrides = [f"local={checkpoint}", f"app_name={name}", f"route_prefix=/{name}", f"port={port}",
@@ -127,7 +127,7 @@ def _deploy(checkpoint: str, name: str, port: int, batch: int, args: argparse.Na
     for part in ("encoder", "denoiser", "ingress"):
         overrides += [f"{part}.num_cpus=0", f"{part}.max_ongoing_requests={max(2 * batch, 32)}"]
     overrides += [f"encoder.max_batch_size={batch}", f"denoiser.max_batch_size={batch}"]
-    return serve(load_spec(ServeSpec, None, overrides))
+    return load_spec(ServeSpec, None, overrides)
 
 
 def _free_port() -> int:
@@ -141,12 +141,15 @@ def _free_port() -> int:
 def run(args: argparse.Namespace) -> int:
     from ray import serve as ray_serve
 
+    from lidit.jobs.serve import serve_many
+
     clients = [int(c) for c in args.clients.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lidit-bench-serve-"))
     checkpoint = args.checkpoint or make_checkpoint(workdir, args.preset, args.size)
     port = args.port or _free_port()
-    apps = {"batched": _deploy(checkpoint, "batched", port, args.max_batch_size, args),
-            "unbatched": _deploy(checkpoint, "unbatched", port, 1, args)}
+    batched, unbatched = serve_many([_spec(checkpoint, "batched", port, args.max_batch_size, args),
+                                     _spec(checkpoint, "unbatched", port, 1, args)])
+    apps = {"batched": batched, "unbatched": unbatched}
     rows = []
     try:
         for mode, served in apps.items():

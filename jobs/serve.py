@@ -105,6 +105,7 @@ class ServeSpec(Spec):
     auth_token_env: str | None = Field("LIDIT_SERVE_TOKEN", description="bearer auth on /v1/* when this "
                                                                         "environment variable is set")
     poll_interval_s: float = Field(10.0, ge=0, description="how often to look where the alias points; 0: never")
+    ready_timeout_s: float = Field(600.0, gt=0, description="how long `serve` waits for the first version to load")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     limits: LimitsSpec = LimitsSpec()
@@ -243,27 +244,61 @@ class Served:
 
 def serve(spec: ServeSpec) -> Served:
     """Deploy the application and wait until it answers; returns its URL and ingress handle."""
+    return serve_many([spec])[0]
+
+
+def serve_many(specs: list[ServeSpec]) -> list[Served]:
+    """Deploy several applications at once behind the same HTTP proxy (same host and port, distinct
+    `app_name` and `route_prefix`), so their replicas start together; wait until each answers."""
     from ray import serve as ray_serve
 
     from lidit.jobs.serve_app import build_app
     from lidit.jobs.serve_api import token_digest
     from lidit.platform.cluster import init_ray
 
-    source = model_source(spec)
-    ref = describe(source, current_version(source))
-    token = os.environ.get(spec.auth_token_env) if spec.auth_token_env else None
-    digest = token_digest(token) if token else None
-    init_ray(spec.ray.address, spec.ray.num_cpus)
-    ray_serve.start(http_options={"host": spec.host, "port": spec.port})
-    app = build_app(spec, source, ref, digest)
+    head = specs[0]
+    for spec in specs[1:]:
+        if (spec.host, spec.port) != (head.host, head.port):
+            raise LiditError(f"{spec.app_name}: every application shares one proxy; host/port differ from {head.app_name}")
+    targets, served = [], []
+    for spec in specs:
+        source = model_source(spec)
+        ref = describe(source, current_version(source))
+        token = os.environ.get(spec.auth_token_env) if spec.auth_token_env else None
+        digest = token_digest(token) if token else None
+        host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
+        served.append(Served(f"http://{host}:{spec.port}{spec.route_prefix.rstrip('/')}", spec.app_name, None, ref))
+        targets.append(ray_serve.RunTarget(build_app(spec, source, ref, digest), name=spec.app_name,
+                                           route_prefix=spec.route_prefix))
+        log.info("%s: %s version %s, auth %s", spec.app_name, ref.name, ref.version, "on" if digest else "off")
+    init_ray(head.ray.address, head.ray.num_cpus)
+    ray_serve.start(http_options={"host": head.host, "port": head.port})
     start = time.monotonic()
-    handle = ray_serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix)
-    port = spec.port
-    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host
-    url = f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
-    log.info("serving %s version %s at %s (auth %s, up in %.1fs)", ref.name, ref.version, url,
-             "on" if digest else "off", time.monotonic() - start)
-    return Served(url, spec.app_name, handle, ref)
+    handles = ray_serve.run_many(targets)
+    for spec, app, handle in zip(specs, served, handles):
+        app.handle = handle
+        _wait_ready(app.url, spec.ready_timeout_s)
+        log.info("serving %s at %s (up in %.1fs)", app.app_name, app.url, time.monotonic() - start)
+    return served
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    """Until /healthz says ok: the first version loads in the background after the replicas start."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10):
+                return
+        except urllib.error.HTTPError as err:
+            last = json.loads(err.read() or b"{}").get("error") or f"HTTP {err.code}"
+        except OSError as err:
+            last = str(err)
+        time.sleep(0.5)
+    raise LiditError(f"{url}: not ready after {timeout_s:.0f}s ({last})")
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------

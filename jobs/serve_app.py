@@ -310,13 +310,10 @@ class Ingress:
                                f"{sorted(self.encoders)}: deploy it anew")
         facts, *encoders = await asyncio.gather(
             self.denoiser.prepare.remote(ref), *(self.encoders[n].prepare.remote(c) for n, c, _ in ref.encoders()))
-        spec = self.settings["limits"]
-        limits = Limits(
-            max_n=spec["max_n"], min_size=spec["min_size"], max_size=spec["max_size"],
-            size_multiple=facts["patch_size"] * facts["downsample"], default_width=facts["width"],
-            default_height=facts["height"], max_steps=spec["max_steps"], default_steps=spec["default_steps"],
-            max_guidance=spec["max_guidance"], default_guidance=spec["default_guidance"],
-            max_prompt_chars=spec["max_prompt_chars"], max_body_bytes=spec["max_body_bytes"])
+        names = {field.name for field in dataclasses.fields(Limits)}
+        limits = Limits(**{k: v for k, v in self.settings["limits"].items() if k in names},
+                        size_multiple=facts["patch_size"] * facts["downsample"], default_width=facts["width"],
+                        default_height=facts["height"])
         previous = self.current.ref.version if self.current else None
         self.current = _Serving(ref, limits, encoders, facts, time.time())
         self.ready.set()
@@ -436,5 +433,5 @@ def build_app(spec: ServeSpec, source: ModelSource, ref: ModelRef, auth_digest: 
     denoiser = Denoiser.options(**spec.denoiser.options()).bind(
         source.tracking_uri, spec.device, spec.dtype, spec.denoiser.max_batch_size, spec.denoiser.batch_wait_timeout_s)
     settings = {"limits": spec.limits.model_dump(), "poll_interval_s": spec.poll_interval_s,
-                "auth_digest": auth_digest, "ready_timeout_s": 120.0}
+                "auth_digest": auth_digest, "ready_timeout_s": spec.ready_timeout_s}
     return Ingress.options(**spec.ingress.options()).bind(encoders, denoiser, source, ref, settings)

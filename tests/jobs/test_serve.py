@@ -44,18 +44,11 @@ def make_checkpoint(folder: Path, llms: dict[str, str], seed: int) -> str:
     return str(folder)
 
 
-def wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while requests.get(f"{url}/healthz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, f"{url} not ready"
-        time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
     from ray import serve as ray_serve
 
-    from lidit.jobs.serve import ServeSpec, serve
+    from lidit.jobs.serve import ServeSpec, serve_many
     from lidit.platform import registry
     from lidit.platform.config import load_spec
     from servers import free_port  # tests/servers.py (conftest puts tests/ on sys.path)
@@ -75,14 +68,13 @@ def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
               "limits.max_steps=20", "limits.default_steps=4"]
     os.environ[TOKEN_ENV] = TOKEN
     try:
-        reg = serve(load_spec(ServeSpec, None, common + [
-            f"model_uri=models:/{MODEL}@champion", f"tracking.tracking_uri={mlflow_server}", "app_name=serve-reg",
-            "route_prefix=/reg", f"auth_token_env={TOKEN_ENV}"]))
-        local = serve(load_spec(ServeSpec, None, common + [
-            f"local={runs}", "app_name=serve-local", "route_prefix=/local", "auth_token_env=null",
-            "limits.long_prompt=truncate", "denoiser.batch_wait_timeout_s=0.2", "encoder.batch_wait_timeout_s=0.1"]))
-        wait_ready(reg.url)
-        wait_ready(local.url)
+        reg, local = serve_many([
+            load_spec(ServeSpec, None, common + [
+                f"model_uri=models:/{MODEL}@champion", f"tracking.tracking_uri={mlflow_server}", "app_name=serve-reg",
+                "route_prefix=/reg", f"auth_token_env={TOKEN_ENV}"]),
+            load_spec(ServeSpec, None, common + [
+                f"local={runs}", "app_name=serve-local", "route_prefix=/local", "auth_token_env=null",
+                "limits.long_prompt=truncate", "denoiser.batch_wait_timeout_s=0.2", "encoder.batch_wait_timeout_s=0.1"])])
         yield {"reg": reg, "local": local, "v1": v1, "v2": v2, "first": first, "second": second,
                "newest": newest, "tracking_uri": mlflow_server}
     finally:
