@@ -89,8 +89,8 @@ class Cluster:
         try:
             yield
         except AuthenticationError as err:
-            raise LiditError(_auth_message(self.address, self.token_source, "403" in str(err).split("\n")[0]
-                                           or "Forbidden" in str(err))) from None
+            rejected = str(err).startswith("Authentication failed")  # 403; 401 reads "Authentication required"
+            raise LiditError(_auth_message(self.address, self.token_source, rejected)) from None
         except ConnectionError:
             raise LiditError(f"cannot reach the Ray Jobs API at {self.address}") from None
         except RuntimeError as err:

@@ -194,18 +194,25 @@ def test_address_must_be_the_dashboard_url(capsys):
     assert "expected the Ray dashboard URL" in err
 
 
-@pytest.mark.slow
-def test_the_job_runs_the_shipped_code(ray_head, tmp_path):
-    cluster = connect(ray_head)
-    probe = "import lidit.jobs, lidit.platform.cli, os; print('CODE', lidit.jobs.__file__); print('CWD', os.listdir())"
-    job_id = submission.submit(cluster, "probe", "answer: 42\n", command=f'python -c "{probe}"')
+def _probe(cluster: submission.Cluster, ship_code: bool) -> dict[str, str]:
+    """Where the job's lidit code comes from and what its working directory holds."""
+    probe = "import lidit.jobs, os; print('CODE', lidit.jobs.__file__); print('CWD', sorted(os.listdir()))"
+    job_id = submission.submit(cluster, "probe", "answer: 42\n", ship_code=ship_code, command=f'python -c "{probe}"')
     assert submission.wait(cluster, job_id, timeout_s=120) == "SUCCEEDED"
-    lines = dict(line.split(" ", 1) for line in submission.logs(cluster, job_id).splitlines()
-                 if line.startswith(("CODE ", "CWD ")))
-    shipped = Path(lines["CODE"])
-    assert str(ray_head.temp_dir) in str(shipped) and "runtime_resources" in str(shipped)
-    assert not str(shipped).startswith(str(Path(submission.__file__).parents[1]))
-    assert lines["CWD"] == "['spec.yaml']"
+    return dict(line.split(" ", 1) for line in submission.logs(cluster, job_id).splitlines()
+                if line.startswith(("CODE ", "CWD ")))
+
+
+@pytest.mark.slow
+def test_the_job_runs_the_shipped_code_or_the_installed_one(ray_head):
+    cluster = connect(ray_head)
+    installed = Path(submission.__file__).parents[1]  # this checkout (the venv's editable install)
+    shipped = _probe(cluster, ship_code=True)
+    assert str(ray_head.temp_dir) in shipped["CODE"] and "runtime_resources" in shipped["CODE"]
+    assert not shipped["CODE"].startswith(str(installed))
+    assert shipped["CWD"] == "['spec.yaml']"
+    image = _probe(cluster, ship_code=False)  # `--code image`: what the cluster has installed
+    assert image["CODE"] == str(installed / "jobs" / "__init__.py")
 
 
 @pytest.mark.slow
@@ -314,3 +321,13 @@ def test_precompute_then_train_reach_succeeded(ray_head, tiny_llms, shapes_data,
     assert "finished at step 2" in out
     checkpoints = sorted((tmp_path / "checkpoints").rglob("model.safetensors"))
     assert checkpoints and (checkpoints[-1].parent / "config.yaml").is_file()
+
+
+def test_a_job_without_a_module_or_a_spec_class_is_refused_here():
+    from lidit.jobs.submit import spec_class
+    from lidit.platform.config import LiditError
+
+    with pytest.raises(LiditError, match="unknown job 'nosuchjob': this lidit has no lidit.jobs.nosuchjob module"):
+        spec_class("nosuchjob")
+    with pytest.raises(LiditError, match=r"job 'data_cmd' takes no spec file \(lidit.jobs.data_cmd has no SPEC\)"):
+        spec_class("data_cmd")
