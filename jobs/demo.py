@@ -43,6 +43,7 @@ class DemoTrainSpec(Spec):
     batch_size: int = Field(32, gt=0)
     lr: float = Field(5e-4, gt=0)
     workers: int = Field(2, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs free for the Ray Data reader on 2 cores")
     checkpoint_every: int = Field(200, gt=0)
 
 
@@ -163,7 +164,7 @@ def run_demo(spec: DemoSpec) -> dict:
             train=LoopSpec(steps=t.steps, log_every=max(1, t.steps // 20)),
             checkpoint=CheckpointSpec(every_steps=t.checkpoint_every),
             samples=SamplesSpec(prompts=4, every_steps=t.checkpoint_every),
-            scaling=ScalingSpec(num_workers=t.workers), storage=spec.storage, tracking=spec.tracking, ray=spec.ray))
+            scaling=ScalingSpec(num_workers=t.workers, cpus_per_worker=t.cpus_per_worker), storage=spec.storage, tracking=spec.tracking, ray=spec.ray))
         return {"checkpoint": result.checkpoint_uri, "run_id": result.run_id, "step": result.final_step,
                 "loss": result.metrics.get("loss")}
 

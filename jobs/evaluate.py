@@ -244,6 +244,9 @@ def untrained_checkpoint(folder: str, encoders: dict, preset: str = "tiny", imag
     return folder
 
 
+SPEC = EvaluateSpec  # the spec class `lidit submit` validates against
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lidit.platform.cli import add_spec_arguments
 

@@ -92,6 +92,9 @@ def describe(decision) -> str:
             f"champion is v{decision.champion} (was {previous})")
 
 
+SPEC = PromoteSpec  # the spec class `lidit submit` validates against
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lidit.platform.cli import add_spec_arguments
 
