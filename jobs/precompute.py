@@ -71,10 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def precompute(spec: PrecomputeSpec):
     """Run the pipeline for a validated spec (Ray is started or attached here)."""
+    from lidit.pipelines.webdataset_io import list_shards
     from lidit.platform import storage as st
 
     # fail fast, before torch, Ray or a model loads: a missing input or an unreachable endpoint is one line
-    if not st.expand(spec.input, spec.storage):
+    if not list_shards(spec.input, spec.storage):
         raise LiditError(f"{spec.input}: no input shards found")
     st.exists(spec.output, spec.storage)
 

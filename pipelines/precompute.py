@@ -30,7 +30,7 @@ import torch
 from lidit.models.codecs import codec_from_config
 from lidit.models.encoders import EncoderConfig, LLMPromptEncoder
 from lidit.pipelines import shards
-from lidit.pipelines.webdataset_io import read_shard
+from lidit.pipelines.webdataset_io import list_shards, read_shard
 from lidit.platform import storage as st
 from lidit.platform.config import EncoderSpec, LiditError, StorageSpec
 
@@ -342,7 +342,7 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
     codec = codec or {"kind": "identity"}
     if store_dtype not in shards.STORED_DTYPES:
         raise LiditError(f"store_dtype: {store_dtype!r} is not one of {sorted(shards.STORED_DTYPES)}")
-    shard_uris = st.expand(inputs, storage)
+    shard_uris = list_shards(inputs, storage)
     if not shard_uris:
         raise LiditError(f"{inputs}: no input shards found")
     plans = [plan_encoder(spec, storage) for spec in encoders]

@@ -20,6 +20,7 @@ from lidit.platform import storage as st
 from lidit.platform.config import StorageSpec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 SKIP_REASONS = ("image_missing", "image_undecodable", "caption_missing", "caption_empty", "caption_not_utf8",
                 "truncated_tar")
 
@@ -122,6 +123,11 @@ def decode_image(members: dict[str, bytes], size: int) -> tuple[np.ndarray | Non
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8), None
+
+
+def list_shards(pattern: str, storage: StorageSpec | None = None) -> list[str]:
+    """The tar shards a path, folder, brace pattern or glob names (local or s3://), sorted."""
+    return [uri for uri in st.expand(pattern, storage) if uri.endswith(TAR_SUFFIXES)]
 
 
 def read_shard(uri: str, image_size: int, storage: StorageSpec | None = None) -> ShardSamples:
