@@ -214,8 +214,11 @@ def measure(args: argparse.Namespace, workdir: str) -> dict:
                 for e in dataset.encoders]
     spec = _spec(args, embeddings, workdir, encoders)
     result_uri = os.path.join(workdir, "bench-result.json")
+    needed = (args.steps + args.warmup + 4) * args.batch_size * args.workers
+    epochs = -(-needed // dataset.num_rows) + 1
     config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
               "metadata": checkpoint_metadata(dataset), "tracking_uri": None, "run_id": None,
+              "data": {"first_epoch": 0, "epochs": epochs, "rows": dataset.num_rows},
               "bench_steps": args.steps, "bench_warmup": args.warmup, "bench_result_uri": result_uri}
     init_ray()
     resources = {"CPU": 1, **({"GPU": 1} if args.gpu else {})}
@@ -223,7 +226,7 @@ def measure(args: argparse.Namespace, workdir: str) -> dict:
         bench_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=os.path.join(workdir, "runs")),
-        datasets={"train": build_dataset(spec, dataset)},
+        datasets={"train": build_dataset(spec, dataset, 0, epochs)},
     ).fit()
     with open(result_uri) as f:
         result = json.load(f)

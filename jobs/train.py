@@ -213,39 +213,71 @@ def run_uri(spec: TrainSpec) -> str:
     return storage.join(spec.output, spec.name)
 
 
-def latest_checkpoint(spec: TrainSpec, local_dir: str | None = None) -> str:
-    """A local folder holding the newest complete checkpoint of this spec's run (downloaded from s3://)."""
+def latest_checkpoint_uri(spec: TrainSpec) -> str | None:
+    """The newest complete checkpoint (`config.yaml` is written last) under `<output>/<name>/`."""
     fs, root = storage.filesystem(run_uri(spec), spec.storage)
-    names = sorted(os.path.basename(p.rstrip("/")) for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
-                   if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
-    for name in reversed(names):
+    if not fs.exists(root):
+        return None
+    names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    for name in reversed([n for n in names if n.startswith("checkpoint_")]):
         uri = storage.join(run_uri(spec), name)
         if storage.exists(storage.join(uri, "config.yaml"), spec.storage):
-            if local_dir is None:
-                return storage.local_copy(uri, spec.storage)
-            return storage.download_dir(uri, local_dir, spec.storage)
-    raise LiditError(f"{run_uri(spec)}: no checkpoint yet")
+            return uri
+    return None
+
+
+def latest_checkpoint(spec: TrainSpec, local_dir: str | None = None) -> str:
+    """A local folder holding the newest complete checkpoint of this spec's run (downloaded from s3://)."""
+    uri = latest_checkpoint_uri(spec)
+    if uri is None:
+        raise LiditError(f"{run_uri(spec)}: no checkpoint yet")
+    if local_dir is None:
+        return storage.local_copy(uri, spec.storage)
+    return storage.download_dir(uri, local_dir, spec.storage)
 
 
 # ---- the job -------------------------------------------------------------------------------------------
 
-def build_dataset(spec: TrainSpec, dataset):
-    """Ray Data over the committed Parquet files; file order reshuffled per epoch from the seed."""
+MAX_EPOCHS_PER_PASS = 32
+
+
+def data_plan(spec: TrainSpec, rows: int) -> dict[str, int]:
+    """Which epochs one pass of the Ray dataset holds: from the epoch of the step training resumes at
+    (read from the latest checkpoint) to the last one needed, so epochs follow each other in one
+    streaming execution instead of paying Ray Data's start-up at every epoch boundary (seconds)."""
+    import json
+
+    start_step = 0
+    latest = latest_checkpoint_uri(spec)
+    if latest is not None:
+        start_step = json.loads(storage.read_text(storage.join(latest, "train_state.json"), spec.storage))["step"]
+    global_batch = spec.data.batch_size * spec.train.grad_accum * spec.scaling.num_workers
+    if rows < global_batch:
+        raise SpecError(f"data.batch_size: {spec.data.batch_size} x {spec.train.grad_accum} accumulation x "
+                        f"{spec.scaling.num_workers} workers is more than the {rows} rows of the shards")
+    first = start_step * global_batch // rows
+    last = -(-spec.train.steps * global_batch // rows)  # one epoch of margin: equal splits drop a few rows
+    return {"first_epoch": first, "epochs": max(1, min(last - first + 1, MAX_EPOCHS_PER_PASS)), "rows": rows}
+
+
+def build_dataset(spec: TrainSpec, dataset, first_epoch: int = 0, epochs: int = 1):
+    """Ray Data over the committed Parquet files: `epochs` epochs back to back (a union of one read per
+    epoch; `read_parquet` drops repeated paths), each with its file order drawn from (seed, epoch)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
     filesystem, _ = storage.arrow_filesystem(dataset.files[0], spec.storage)
     paths = [storage.filesystem(f, spec.storage)[1] for f in dataset.files]
-    shuffle = FileShuffleConfig(seed=spec.train.seed, reseed_after_execution=True) if spec.data.shuffle_files else None
-    return ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle)
+    reads = []
+    for epoch in range(first_epoch, first_epoch + epochs):
+        shuffle = (FileShuffleConfig(seed=spec.train.seed * 100_003 + epoch, reseed_after_execution=False)
+                   if spec.data.shuffle_files else None)
+        reads.append(ray.data.read_parquet(paths, filesystem=filesystem, shuffle=shuffle))
+    return reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
 
 
 def train(spec: TrainSpec) -> TrainResult:
     """Train (or resume) the run named by `spec.name`; returns where its final checkpoint is."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from lidit.jobs.train_loop import train_loop_per_worker
     from lidit.pipelines.shards import open_embeddings
     from lidit.platform import tracking
     from lidit.platform.cluster import init_ray
@@ -254,27 +286,46 @@ def train(spec: TrainSpec) -> TrainResult:
     if not dataset.files:
         raise LiditError(f"{dataset.uri}: no committed shards")
     check_encoders(spec, dataset)
+    plan = data_plan(spec, dataset.num_rows)
     config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
-              "metadata": checkpoint_metadata(dataset)}
+              "metadata": checkpoint_metadata(dataset), "data": plan}
 
     init_ray(spec.ray.address, spec.ray.num_cpus)
     uri = tracking.tracking_uri(spec.tracking, spec.workdir)
     run_id, resumed = tracking.start_run(uri, spec.tracking.experiment, spec.name,
                                          tags={"lidit.job": "train", "lidit.dataset": dataset.manifest.fingerprint})
     log.info("MLflow run %s (%s) at %s", run_id, "reopened" if resumed else "new", uri)
+    try:
+        result = _fit(spec, dataset, config, uri, run_id)
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    return result
+
+
+def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> TrainResult:
+    import json
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lidit.jobs.train_loop import train_loop_per_worker
+    from lidit.platform import tracking
+
     tracking.log_spec(uri, run_id, spec)
     tracking.log_input_dataset(uri, run_id, name="embeddings", source=dataset.uri,
                                digest=dataset.manifest.fingerprint,
                                profile={"rows": dataset.num_rows, "files": len(dataset.files),
                                         "encoders": {e.name: e.fingerprint for e in dataset.encoders},
                                         "codec": dataset.codec, "image_shape": list(dataset.image_shape)})
-    config.update(tracking_uri=uri, run_id=run_id)
-
+    config = dict(config, tracking_uri=uri, run_id=run_id)
     filesystem, path = storage.arrow_filesystem(spec.output, spec.storage)
     if not storage.is_remote(spec.output):
         os.makedirs(path, exist_ok=True)
     gpus = spec.scaling.gpus_per_worker or (1.0 if spec.scaling.use_gpu else 0.0)
     resources = {"CPU": spec.scaling.cpus_per_worker, **({"GPU": gpus} if spec.scaling.use_gpu else {})}
+    plan = config["data"]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -285,21 +336,17 @@ def train(spec: TrainSpec) -> TrainResult:
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.num_to_keep),
         ),
-        datasets={"train": build_dataset(spec, dataset)},
+        datasets={"train": build_dataset(spec, dataset, plan["first_epoch"], plan["epochs"])},
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise
-    tracking.end_run(uri, run_id, "FINISHED")
+    result = trainer.fit()
     metrics = dict(result.metrics or {})
-    checkpoint_uri = None
-    if result.checkpoint is not None:
-        checkpoint_uri = result.checkpoint.path
-        if storage.is_remote(spec.output):
-            checkpoint_uri = spec.output.split("://", 1)[0] + "://" + checkpoint_uri.lstrip("/")
-    return TrainResult(checkpoint_uri, run_id, int(metrics.get("step", 0)), metrics)
+    checkpoint_uri = latest_checkpoint_uri(spec)
+    if checkpoint_uri is None:
+        raise LiditError(f"{run_uri(spec)}: training ended without a checkpoint")
+    if "step" not in metrics:  # a rerun of a finished spec reports nothing new
+        state = json.loads(storage.read_text(storage.join(checkpoint_uri, "train_state.json"), spec.storage))
+        metrics["step"] = state["step"]
+    return TrainResult(checkpoint_uri, run_id, int(metrics["step"]), metrics)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

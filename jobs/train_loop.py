@@ -9,13 +9,13 @@ Ray Train, which copies it to `<output>/<name>/checkpoint_<step>`. Rank 0 logs t
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,15 +59,6 @@ class EMA:
         for name, value in zip(self.names, self.shadow):
             full = state[name].to(value.device if not isinstance(value, DTensor) else value.to_local().device)
             value.copy_(distribute_tensor(full, value.device_mesh, value.placements) if isinstance(value, DTensor) else full)
-
-
-@dataclass
-class Position:
-    """Where training is: optimizer steps done, epoch, micro-batches consumed within the epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
 
 
 def learning_rate(spec: TrainSpec, step: int) -> float:
@@ -139,7 +130,7 @@ class Trainer:
         self.dataset = open_embeddings(spec.data.embeddings, spec.storage)
         self.collate = make_collate_fn(self.dataset.info, device=self.device)
         self.shard = ray.train.get_dataset_shard("train")
-        self.position = Position()
+        self.step = 0
         self.resumed_from: int | None = None
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -160,8 +151,6 @@ class Trainer:
             if state["optimizer_state"] is not None and not self.sharded:
                 self.optimizer.load_state_dict(state["optimizer_state"])
             elif self.sharded and os.path.isfile(shard):
-                import json
-
                 with open(shard) as f:
                     index = json.load(f)
                 tensors = load_file(os.path.join(folder, f"optimizer.rank{self.rank}.safetensors"))
@@ -169,22 +158,19 @@ class Trainer:
             else:
                 log.warning("checkpoint %s has no optimizer state for this strategy/world size: "
                             "starting the optimizer afresh", checkpoint.path)
-        train_state = state["train_state"] or {}
-        self.position = Position(train_state.get("step", 0), train_state.get("epoch", 0),
-                                 train_state.get("batch_in_epoch", 0))
-        self.resumed_from = self.position.step
-        log.info("rank %d: resumed at step %d (epoch %d)", self.rank, self.position.step, self.position.epoch)
+        self.step = self.resumed_from = int((state["train_state"] or {}).get("step", 0))
+        log.info("rank %d: resumed at step %d", self.rank, self.step)
 
     def save(self, metrics: dict) -> None:
         """Write this step's checkpoint and report it to Ray Train (a barrier for every worker)."""
         import ray.train
 
-        step = self.position.step
-        model_state = parallel.full_state_dict(self.model)  # collective under FSDP2
-        ema_state = self.ema.full_state_dict(model_state)
-        train_state = {"step": step, "epoch": self.position.epoch, "batch_in_epoch": self.position.batch_in_epoch,
-                       "world_size": self.world_size, "strategy": self.strategy, "mlflow_run_id": self.run_id,
-                       "images_seen": step * self.global_batch}
+        step = self.step
+        gather = self.sharded or self.rank == 0  # under FSDP2 every rank takes part in the gathers
+        model_state = parallel.full_state_dict(self.model) if gather else {}
+        ema_state = self.ema.full_state_dict(model_state) if gather else {}
+        train_state = {"step": step, "epoch": self.epoch, "images_seen": step * self.global_batch,
+                       "world_size": self.world_size, "strategy": self.strategy, "mlflow_run_id": self.run_id}
         with tempfile.TemporaryDirectory(prefix="lidit-ckpt-", ignore_cleanup_errors=True) as folder:
             if self.sharded:
                 from safetensors.torch import save_file
@@ -192,8 +178,6 @@ class Trainer:
                 tensors, index = parallel.sharded_optimizer_state(self.optimizer)
                 save_file(tensors, os.path.join(folder, f"optimizer.rank{self.rank}.safetensors"))
                 with open(os.path.join(folder, f"optimizer.rank{self.rank}.json"), "w") as f:
-                    import json
-
                     json.dump(index, f)
             if self.rank == 0:
                 with torch.device("meta"):
@@ -223,9 +207,9 @@ class Trainer:
 
         if prompts is None:
             return
-        model_state = parallel.full_state_dict(self.model) if self.sharded else {
-            k: v for k, v in parallel.unwrap(self.model).state_dict().items()}
-        ema_state = self.ema.full_state_dict(model_state) if (self.sharded or self.rank == 0) else None
+        if not (self.sharded or self.rank == 0):
+            return
+        ema_state = self.ema.full_state_dict(parallel.full_state_dict(self.model))
         if self.rank != 0:
             return
         samples = self.spec.samples
@@ -239,7 +223,7 @@ class Trainer:
                          guidance=samples.guidance, seed=samples.seed,
                          clip_x0=1.0 if self.metadata["codec"].get("kind") == "identity" else None)
         tracking.log_bytes(self.tracking_uri, self.run_id, grid_png(codec.decode(latents.float()).cpu()),
-                           f"samples/step_{self.position.step:08d}.png")
+                           f"samples/step_{self.step:08d}.png")
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -247,36 +231,41 @@ class Trainer:
     def global_batch(self) -> int:
         return self.spec.data.batch_size * self.spec.train.grad_accum * self.world_size
 
+    @property
+    def epoch(self) -> float:
+        return self.step * self.global_batch / self.config["data"]["rows"]
+
     def batches(self):
-        """Micro-batches forever, epoch after epoch, skipping what a resumed run already consumed."""
-        data = self.spec.data
+        """Micro-batches for ever. The dataset begins at epoch `data.first_epoch` (`train.data_plan`);
+        a resumed worker skips what was consumed since then, so it continues where the checkpoint was."""
+        data, plan = self.spec.data, self.config["data"]
+        consumed = self.step * self.global_batch - plan["first_epoch"] * plan["rows"]
+        skip = max(0, round(consumed / (self.world_size * data.batch_size)))
         while True:
-            iterator = self.shard.iter_torch_batches(
+            count = 0
+            for batch in self.shard.iter_torch_batches(
                 batch_size=data.batch_size, collate_fn=self.collate, drop_last=True,
-                prefetch_batches=data.prefetch_batches,
-                local_shuffle_buffer_size=data.local_shuffle_buffer or None,
-                local_shuffle_seed=self.spec.train.seed + 1000 * self.position.epoch + self.rank,
-            )
-            for index, batch in enumerate(iterator):
-                if index < self.position.batch_in_epoch:
+                prefetch_batches=data.prefetch_batches, local_shuffle_buffer_size=data.local_shuffle_buffer or None,
+                local_shuffle_seed=self.spec.train.seed + self.rank,
+            ):
+                count += 1
+                if skip:
+                    skip -= 1
                     continue
-                self.position.batch_in_epoch = index + 1
                 yield batch
-            if self.position.batch_in_epoch == 0:
+            if count == 0:
                 raise RuntimeError(f"data.batch_size {data.batch_size}: larger than this worker's share of the data")
-            self.position.epoch += 1
-            self.position.batch_in_epoch = 0
 
     def chaos(self) -> None:
         """The fault-tolerance drill: die once, leaving a marker so the restarted worker carries on."""
         chaos = self.spec.chaos
-        if chaos is None or self.rank != chaos.rank or self.position.step != chaos.at_step:
+        if chaos is None or self.rank != chaos.rank or self.step != chaos.at_step:
             return
         marker = storage.join(run_uri(self.spec), "chaos", f"killed-at-step-{chaos.at_step}")
         if storage.exists(marker, self.spec.storage):
             return
         storage.write_text_atomic(marker, f"rank {self.rank} pid {os.getpid()}\n", self.spec.storage)
-        log.warning("chaos: rank %d kills itself at step %d", self.rank, self.position.step)
+        log.warning("chaos: rank %d kills itself at step %d", self.rank, self.step)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def drop_captions(self, text: list) -> list:
@@ -294,8 +283,8 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
         spec = self.spec
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(spec, self.position.step)
-        self.generator.manual_seed(spec.train.seed * 1_000_003 + self.position.step * 4099 + self.rank)
+            group["lr"] = learning_rate(spec, self.step)
+        self.generator.manual_seed(spec.train.seed * 1_000_003 + self.step * 4099 + self.rank)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             images, text = to_device(batch, self.device)
@@ -312,7 +301,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        self.position.step += 1
+        self.step += 1
         return total, norm
 
     def run(self) -> None:
@@ -330,7 +319,7 @@ class Trainer:
         window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
         loss_sum = torch.zeros((), device=self.device)
         norm = torch.zeros(())
-        while self.position.step < spec.train.steps:
+        while self.step < spec.train.steps:
             self.chaos()
             wait_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(spec.train.grad_accum)]
@@ -338,7 +327,7 @@ class Trainer:
             loss, norm = self.train_step(micro_batches)
             loss_sum += loss
             window_steps += 1
-            step = self.position.step
+            step = self.step
             every = spec.samples.every_steps
             samples_due = step == spec.train.steps or bool(every and step % every == 0)
             checkpoint_due = step % spec.checkpoint.every_steps == 0 or step == spec.train.steps
@@ -367,9 +356,9 @@ class Trainer:
             dist.all_reduce(loss)  # SUM: gloo has no AVG
             loss = loss / self.world_size
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        return {"loss": float(loss), "lr": learning_rate(self.spec, self.position.step - 1),
+        return {"loss": float(loss), "lr": learning_rate(self.spec, self.step - 1),
                 "grad_norm": float(norm), "images_per_s": steps * self.global_batch / elapsed,
-                "data_wait_fraction": data_wait / elapsed, "epoch": float(self.position.epoch)}
+                "data_wait_fraction": data_wait / elapsed, "epoch": self.epoch}
 
 
 def train_loop_per_worker(config: dict) -> None:

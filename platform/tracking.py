@@ -9,6 +9,7 @@ credentials never reach params or tags.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def client(uri: str):
     """An `MlflowClient` bound to `uri` (imported lazily: mlflow is slow to import)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
