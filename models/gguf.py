@@ -115,13 +115,13 @@ def import_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: str
         (partial / SOURCE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         for file in partial.iterdir():
             file.chmod(0o644)
-        if out.is_dir():
-            out.rmdir()  # an empty folder left by the caller
-        os.rename(partial, out)
-    except OSError:
-        # another process finished the same import first
-        if not _check_existing(out, sha256, dtype):
-            raise
+        try:
+            if out.is_dir():
+                out.rmdir()  # an empty folder left by the caller
+            os.rename(partial, out)
+        except OSError:  # another process finished the same import first
+            if not _check_existing(out, sha256, dtype):
+                raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out
