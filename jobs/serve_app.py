@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -51,14 +51,28 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Cache(OrderedDict):
-    """Least-recently-used models, `KEEP_VERSIONS` at most."""
+class _Versions:
+    """Loaded models by key (version or encoder fingerprint), `KEEP_VERSIONS` at most. Each is loaded once,
+    in a thread; a load never blocks requests for models already loaded (the old version keeps serving)."""
 
-    def put(self, key: str, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > KEEP_VERSIONS:
-            self.popitem(last=False)
+    def __init__(self, load: Callable[..., Any]) -> None:
+        self.load = load
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.loading: dict[str, asyncio.Task] = {}
+
+    async def get(self, key: str, *args: Any) -> Any:
+        if key not in self.models:
+            task = self.loading.get(key)
+            if task is None:
+                task = self.loading[key] = asyncio.create_task(asyncio.to_thread(self.load, *args))
+                task.add_done_callback(lambda _: self.loading.pop(key, None))
+            value = await asyncio.shield(task)
+            if key not in self.models:
+                self.models[key] = value
+                while len(self.models) > KEEP_VERSIONS:  # requests still using an evicted one hold a reference
+                    self.models.popitem(last=False)
+        self.models.move_to_end(key)
+        return self.models[key]
 
 
 class EncodedText(NamedTuple):
@@ -75,18 +89,12 @@ class PromptEncoder:
 
     def __init__(self, name: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         self.name, self.device = name, _device(device)
-        self.encoders = _Cache()  # fingerprint -> LLMPromptEncoder
-        self.lock = asyncio.Lock()
+        self.encoders = _Versions(self._load)  # fingerprint -> LLMPromptEncoder
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def _encoder(self, config: EncoderConfig) -> LLMPromptEncoder:
-        key = config.fingerprint()
-        async with self.lock:
-            if key not in self.encoders:
-                self.encoders.put(key, await asyncio.to_thread(self._load, config))
-            self.encoders.move_to_end(key)
-            return self.encoders[key]
+        return await self.encoders.get(config.fingerprint(), config)
 
     def _load(self, config: EncoderConfig) -> LLMPromptEncoder:
         """The LLM from the path the checkpoint recorded (s3:// copied once), checked to be the same files."""
@@ -185,17 +193,12 @@ class Denoiser:
                  batch_wait_timeout_s: float) -> None:
         self.tracking_uri, self.device = tracking_uri, _device(device)
         self.dtype = getattr(torch, dtype)
-        self.models = _Cache()  # version -> _Model
-        self.lock = asyncio.Lock()
+        self.models = _Versions(self._load)  # version uri -> _Model
         self.denoise_batch.set_max_batch_size(max_batch_size)
         self.denoise_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def _model(self, ref: ModelRef) -> _Model:
-        async with self.lock:
-            if ref.uri not in self.models:
-                self.models.put(ref.uri, await asyncio.to_thread(self._load, ref))
-            self.models.move_to_end(ref.uri)
-            return self.models[ref.uri]
+        return await self.models.get(ref.uri, ref)
 
     def _load(self, ref: ModelRef) -> _Model:
         folder = checkpoint_folder(ref, self.tracking_uri)
