@@ -18,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, help_text in BENCHMARKS.items():
         bench = sub.add_parser(name, help=help_text, description=help_text)
-        bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         try:
             module = importlib.import_module(f"lidit.jobs.bench_{name}")
         except ModuleNotFoundError as err:
@@ -27,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             bench.set_defaults(_bench=None)
             continue
         module.add_arguments(bench)
+        if not any("--json" in action.option_strings for action in bench._actions):
+            bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         bench.set_defaults(_bench=module.run)
 
 

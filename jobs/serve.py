@@ -301,6 +301,21 @@ def _wait_ready(url: str, timeout_s: float) -> None:
     raise LiditError(f"{url}: not ready after {timeout_s:.0f}s ({last})")
 
 
+def app_builder(args: dict[str, Any]):
+    """Ray Serve application builder for `serve run` / `serve deploy` / KubeRay RayService
+    (`import_path: lidit.jobs.serve:app_builder`): `args` are ServeSpec fields. Ray is already up there,
+    so unlike `serve()` this neither starts Ray nor Serve's HTTP proxy."""
+    from lidit.jobs.serve_api import token_digest
+    from lidit.jobs.serve_app import build_app
+    from lidit.platform.config import parse_spec
+
+    spec = parse_spec(ServeSpec, dict(args or {}), "serve application args")
+    source = model_source(spec)
+    ref = describe(source, current_version(source))
+    token = os.environ.get(spec.auth_token_env) if spec.auth_token_env else None
+    return build_app(spec, source, ref, token_digest(token) if token else None)
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
