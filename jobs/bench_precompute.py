@@ -6,7 +6,7 @@ captions with the same models, in one run:
 - batched: the best single-process loop, `LLMPromptEncoder.encode_captions` (instruction-prefix KV cache
   reused, only the blocks up to the chosen layer, length-sorted batches), one encoder after the other;
 - pipeline: `lidit.pipelines.precompute` on Ray Data, all encoders at once, actor start-up reported
-  separately from the steady state.
+  separately (until the first encoder window starts) from the steady state.
 
 `--encoders tiny` (default) builds the tiny offline LLMs; `--encoders real` takes `--model NAME=PATH`;
 `--encoders 8b` builds an 8B-shaped Llama with random weights (GPU) and reports MFU.
@@ -162,7 +162,7 @@ def pipeline(paths: dict[str, str], texts: list[str], dtype: str, device: str, a
                             commit_interval_s=5.0)
     steady = result.steady_rows_per_s
     return {"result": result.to_dict(), "captions_per_s_steady": steady,
-            "captions_per_s_total": result.rows / result.wall_s, "startup_s": result.first_output_s}
+            "captions_per_s_total": result.rows / result.wall_s, "startup_s": result.startup_s}
 
 
 def run(args: argparse.Namespace) -> int:

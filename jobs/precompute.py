@@ -96,7 +96,7 @@ def format_summary(result) -> str:
     lines = [f"dataset   {result.dataset_uri}",
              f"inputs    {result.inputs} shards ({result.already_committed} already committed, skipped)",
              f"rows      {result.rows} written, {result.bytes / 1e6:.2f} MB in {result.wall_s:.1f} s"
-             + (f" (first output after {result.first_output_s:.1f} s)" if result.first_output_s is not None else ""),
+             + (f" (encoders ready after {result.startup_s:.1f} s)" if result.startup_s is not None else ""),
              "skipped   " + (", ".join(f"{k}={v}" for k, v in result.skipped.items()) or "none")]
     for name, stats in result.encoders.items():
         lines.append(f"encoder   {name}: {stats['tokens']} tokens, {stats['tokens_per_s']} tokens/s, "

@@ -141,9 +141,9 @@ class EncodeCaptions:
         if not captions:
             lengths = torch.zeros(0, dtype=torch.long)
             states = torch.zeros(0, 0, self.encoder.hidden_size)
-            widths, seconds = lengths, 0.0
+            widths, seconds, begun = lengths, 0.0, float("inf")
         else:
-            start = time.perf_counter()
+            start, begun = time.perf_counter(), time.time()
             features = self.encoder.encode_captions(captions, self.batch_size)
             if features.states.is_cuda:
                 torch.cuda.synchronize()
@@ -154,7 +154,8 @@ class EncodeCaptions:
         return (batch.append_column(shards.states_column(self.name), shards.states_to_arrow(states, lengths, self.store_dtype))
                 .append_column(shards.length_column(self.name), pa.array(lengths.numpy(), pa.int32()))
                 .append_column(f"_computed.{self.name}", pa.array(widths.numpy(), pa.int64()))
-                .append_column(f"_seconds.{self.name}", pa.array(np.full(len(captions), share), pa.float64())))
+                .append_column(f"_seconds.{self.name}", pa.array(np.full(len(captions), share), pa.float64()))
+                .append_column(f"_begun.{self.name}", pa.array(np.full(len(captions), begun), pa.float64())))
 
 
 class EncodeImages:
@@ -201,7 +202,8 @@ class WriteShards:
             size = shards.write_table(st.join(self.dataset_uri, path), table, self.storage)
             stats = {name: [pc.sum(part.column(shards.length_column(name))).as_py(),
                             pc.sum(part.column(f"_computed.{name}")).as_py(),
-                            pc.sum(part.column(f"_seconds.{name}")).as_py()] for name in self.names}
+                            pc.sum(part.column(f"_seconds.{name}")).as_py(),
+                            pc.min(part.column(f"_begun.{name}")).as_py()] for name in self.names}
             out.append({"shard": uri, "path": path, "rows": part.num_rows, "bytes": size,
                         "shard_rows": part.column(SHARD_ROWS)[0].as_py(), "skipped": part.column(SKIPPED)[0].as_py(),
                         "stats": json.dumps(stats)})
@@ -218,6 +220,7 @@ class EncoderStats:
     tokens: int = 0  # caption + suffix tokens stored
     computed: int = 0  # tokens run through the LLM, padding included
     seconds: float = 0.0  # actor time inside the encoder
+    begun: float = float("inf")  # wall-clock time the first window started (after actor start-up)
 
     def summary(self, wall_s: float) -> dict:
         return {"tokens": self.tokens, "computed_tokens": self.computed,
@@ -247,9 +250,10 @@ class Committer:
         entry["files"].append({"path": written["path"], "rows": written["rows"], "bytes": written["bytes"]})
         entry["rows"] += written["rows"]
         self.rows += written["rows"]
-        for name, (tokens, computed, seconds) in json.loads(written["stats"]).items():
+        for name, (tokens, computed, seconds, begun) in json.loads(written["stats"]).items():
             stat = self.stats.setdefault(name, EncoderStats())
             stat.tokens, stat.computed, stat.seconds = stat.tokens + tokens, stat.computed + computed, stat.seconds + seconds
+            stat.begun = min(stat.begun, begun)
         if entry["rows"] == written["shard_rows"]:
             self.commit(written["shard"], entry["files"], json.loads(written["skipped"]))
             del self.partial[written["shard"]]
@@ -320,8 +324,8 @@ class PrecomputeResult:
     bytes: int
     encoders: dict[str, dict]
     wall_s: float
-    first_output_s: float | None  # includes actor start-up
-    steady_rows_per_s: float | None  # rows/s after the first output
+    startup_s: float | None  # until the first encoder window started (actor start-up, model load)
+    steady_rows_per_s: float | None  # rows / (last output - that moment): start-up left out
     manifest_totals: dict
 
     def to_dict(self) -> dict:
@@ -353,7 +357,7 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
     pending = [uri for uri in shard_uris if uri not in manifest.shards]
     names = [p.spec.name for p in plans]
     committer = Committer(dataset_uri, manifest, storage, commit_interval_s, names)
-    started, first_output, first_rows = time.perf_counter(), None, 0
+    started, started_wall, last_output = time.perf_counter(), time.time(), None
     schema = shards.schema([shards.EncoderInfo(**e) for e in manifest.header["encoders"]], codec,
                            manifest.header["image_shape"])
     if pending:
@@ -374,8 +378,7 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for written in batch.to_pylist():
                     committer.add(written)
-                if first_output is None:
-                    first_output, first_rows = time.perf_counter(), committer.rows
+                last_output = time.time()
         finally:
             committer.save()
     for uri in pending:  # shards with no valid sample never reach the writer: commit them with their counts
@@ -392,13 +395,12 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
     for uri in pending:
         for reason, count in manifest.shards[uri]["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + count
-    steady = None
-    if first_output is not None and committer.rows > first_rows:
-        steady = (committer.rows - first_rows) / max(time.perf_counter() - first_output, 1e-9)
+    ready = min((committer.stats[n].begun for n in names if n in committer.stats), default=None)
+    steady = None if last_output is None or ready is None else committer.rows / max(last_output - ready, 1e-9)
     return PrecomputeResult(
         dataset_uri=dataset_uri, inputs=len(shard_uris), already_committed=len(shard_uris) - len(pending),
         rows=committer.rows, skipped=dict(sorted(skipped.items())),
         bytes=sum(f["bytes"] for uri in pending for f in manifest.shards[uri]["files"]),
         encoders={n: committer.stats.get(n, EncoderStats()).summary(wall) for n in names}, wall_s=round(wall, 3),
-        first_output_s=None if first_output is None else round(first_output - started, 3),
+        startup_s=None if ready is None else round(ready - started_wall, 3),
         steady_rows_per_s=None if steady is None else round(steady, 1), manifest_totals=manifest.totals())
