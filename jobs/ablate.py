@@ -307,8 +307,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def findings(outcomes: list[Outcome]) -> list[str]:
-    """The paper's findings in miniature: (a) the probe per LLM, (b) the instruction's gain per LLM,
-    (c) the ladder raw < + instruction < + refiner < + collaborative, step by step with the spread."""
+    """The paper's findings in miniature: (a) the probe per LLM, (b) the instruction's gain per raw row
+    (per LLM by default), (c) the ladder raw < + instruction < + refiner < + collaborative from each raw
+    row, step by step, with whether each step is beyond the spread over seeds."""
     by_id = {o.variant: o for o in outcomes}
     llms = list(dict.fromkeys(n for o in outcomes if o.kind != "floor" for n in o.llms.split("+")))
     lines = []
@@ -319,16 +320,16 @@ def findings(outcomes: list[Outcome]) -> list[str]:
         if raw:
             lines.append(f"(a) probe {llm}: raw hidden states change {max(raw):.3g} at most (every variant); after "
                          "the token refiner " + (", ".join(f"{v:.3g} ({k})" for k, v in refined.items()) or "n/a"))
-    for llm in llms:
-        raw, instructed = by_id.get(f"raw-{llm}"), by_id.get(f"instruction-{llm}")
-        if raw and instructed:
+    for raw in (o for o in outcomes if o.kind == "raw"):  # one per LLM, or one over all of them
+        instructed = by_id.get(f"instruction-{raw.llms}")
+        if instructed:
             gains = [b["overall"] - a["overall"] for a, b in zip(raw.scores, instructed.scores)]
-            lines.append(f"(b) + instruction for {llm}: overall {spread([s['overall'] for s in raw.scores])[0]:.3f} "
-                         f"-> {spread([s['overall'] for s in instructed.scores])[0]:.3f} (gain per seed: "
+            lines.append(f"(b) + instruction for {raw.llms}: overall {spread([s['overall'] for s in raw.scores])[0]:.3f}"
+                         f" -> {spread([s['overall'] for s in instructed.scores])[0]:.3f} (gain per seed: "
                          + ", ".join(f"{g:+.3f}" for g in gains) + ")")
-    for llm in llms:
-        ladder = [by_id[v] for v in (f"raw-{llm}", f"instruction-{llm}", f"refiner-{llm}", *(
-            o.variant for o in outcomes if o.kind in ("concat", "collaborative") and "+" in o.llms)) if v in by_id]
+    for raw in (o for o in outcomes if o.kind == "raw"):
+        ladder = [raw, *(by_id[v] for v in (f"instruction-{raw.llms}", f"refiner-{raw.llms}") if v in by_id),
+                  *(o for o in outcomes if o.kind in ("concat", "collaborative"))]
         if len(ladder) < 2:
             continue
         steps, holds = [], True
@@ -339,7 +340,7 @@ def findings(outcomes: list[Outcome]) -> list[str]:
             separated = "beyond the seed spread" if min(b) > max(a) or max(b) < min(a) else "within the seed spread"
             steps.append(f"{LABELS[high.kind]} {delta:+.3f} ({separated})")
         verdict = "holds" if holds else "does not hold"
-        lines.append(f"(c) ladder from raw {llm}: " + "; ".join(steps) + f" -> strict ordering {verdict}")
+        lines.append(f"(c) ladder from raw {raw.llms}: " + "; ".join(steps) + f" -> strict ordering {verdict}")
     return lines
 
 

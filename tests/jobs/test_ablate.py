@@ -69,10 +69,11 @@ def test_bad_specs_fail_with_the_field_named(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llms, tmp_path, capsys):
+    """Every kind of variant once (over both LLMs: 4 training runs, 2 precomputes) and the floor."""
     from mlflow.tracking import MlflowClient
 
     spec = {
-        "name": "ablation-test", "workdir": str(tmp_path / "work"), "seeds": [0],
+        "name": "ablation-test", "workdir": str(tmp_path / "work"), "seeds": [0], "per_llm": [],
         "encoders": [{"name": "tiny_llama", "path": tiny_llms["tiny-llama"], "use_chat_template": False},
                      {"name": "tiny_qwen2", "path": tiny_llms["tiny-qwen2"]}],
         "data": {"train": 64, "shard_size": 64, "image_size": 16},
@@ -89,27 +90,29 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
     run = client.search_runs([client.get_experiment_by_name("ablate-test").experiment_id],
                              filter_string="tags.`lidit.run_name` = 'ablation-test'")[0]
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "ablation.json", str(tmp_path))).read_text())
+    both = "tiny_llama+tiny_qwen2"
     variants = {v["variant"]: v for v in table["variants"]}
-    assert list(variants) == ["raw-tiny_llama", "raw-tiny_qwen2", "instruction-tiny_llama", "instruction-tiny_qwen2",
-                              "refiner-tiny_llama", "refiner-tiny_qwen2", "collaborative-tiny_llama+tiny_qwen2",
-                              "floor"]
+    assert list(variants) == [f"raw-{both}", f"instruction-{both}", f"refiner-{both}", f"collaborative-{both}", "floor"]
 
-    # one precompute per distinct encoder set: raw x2, instructed x2, the pair (5 for 7 variants)
+    # one precompute per distinct encoder set: the instructed features are shared by three variants
     datasets = {name: v["runs"][0]["dataset"] for name, v in variants.items() if name != "floor"}
-    assert len(set(datasets.values())) == 5
-    assert datasets["refiner-tiny_qwen2"] == datasets["instruction-tiny_qwen2"] != datasets["raw-tiny_qwen2"]
-    raw_manifest = json.loads((Path(datasets["raw-tiny_qwen2"]) / "manifest.json").read_text())
-    assert (raw_manifest["encoders"][0]["config"]["instruction"], raw_manifest["encoders"][0]["prefix_len"]) == ("", 0)
+    assert datasets[f"instruction-{both}"] == datasets[f"refiner-{both}"] == datasets[f"collaborative-{both}"]
+    assert datasets[f"raw-{both}"] != datasets[f"instruction-{both}"]
+    raw_manifest = json.loads((Path(datasets[f"raw-{both}"]) / "manifest.json").read_text())
+    assert [(e["config"]["instruction"], e["config"]["use_chat_template"]) for e in raw_manifest["encoders"]] == [
+        ("", False), ("", False)]
 
     # each variant trained the architecture it names, for the whole budget
-    for name, flags in (("raw-tiny_llama", (False, False)), ("refiner-tiny_llama", (True, False)),
-                        ("collaborative-tiny_llama+tiny_qwen2", (True, True))):
-        config = yaml.safe_load((Path(variants[name]["runs"][0]["checkpoint"]) / "config.yaml").read_text())
+    for name, flags in ((f"raw-{both}", (False, False)), (f"refiner-{both}", (True, False)),
+                        (f"collaborative-{both}", (True, True))):
+        checkpoint = Path(variants[name]["runs"][0]["checkpoint"])
+        config = yaml.safe_load((checkpoint / "config.yaml").read_text())
         assert (config["model"]["use_refiner"], config["model"]["use_collaborative"]) == flags
-        assert len(config["encoders"]) == name.count("+") + 1
+        assert checkpoint.name.endswith("06")
 
     # the probe: raw LLM features never see the last word; a trained refiner makes earlier tokens see it
     for name, v in variants.items():
+        assert len(v["probe"][0]) == 2
         for row in v["probe"][0]:
             assert row["raw"] == 0.0, (name, row)
             if v["kind"] in ("refiner", "collaborative"):
@@ -119,12 +122,11 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
         assert all(0.0 <= s <= 1.0 for s in v["scores"][0].values())
 
     metrics = client.get_run(run.info.run_id).data.metrics
-    assert metrics["collaborative-tiny_llama+tiny_qwen2.overall"] == variants[
-        "collaborative-tiny_llama+tiny_qwen2"]["scores"][0]["overall"]
-    assert metrics["raw-tiny_qwen2.probe.tiny_qwen2.raw"] == 0.0
+    assert metrics[f"collaborative-{both}.overall"] == variants[f"collaborative-{both}"]["scores"][0]["overall"]
+    assert metrics[f"raw-{both}.probe.tiny_qwen2.raw"] == 0.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ablation.md", "ablation.json", "ablation_table.json", "evaluations", "spec.yaml"} <= artifacts
-    for label in ("| raw LLM | tiny_llama |", "| + instruction | tiny_qwen2 |", "| + token refiner |",
-                  "| + collaborative refiner | tiny_llama+tiny_qwen2 |", "| untrained floor |", "(b) + instruction for",
-                  "(c) ladder from raw tiny_qwen2"):
+    for label in (f"| raw LLM | {both} |", f"| + instruction | {both} |", "| + token refiner |",
+                  f"| + collaborative refiner | {both} |", "| untrained floor |", f"(b) + instruction for {both}",
+                  f"(c) ladder from raw {both}", "(a) probe tiny_qwen2"):
         assert label in printed
