@@ -31,6 +31,7 @@ def run(inputs, output, encoders, **kwargs):
     return run_precompute(inputs, output, encoders, **kwargs)
 
 
+@pytest.mark.slow
 def test_two_encoders_store_what_the_encoder_computes(ray_local, tiny_llms, shapes_data, tmp_path):
     inputs = str(shapes_data / "train-{000000..000001}.tar")
     result = run(inputs, str(tmp_path), encoder_specs(tiny_llms))
@@ -94,6 +95,7 @@ def write_tar(path, samples):
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_bad_samples_are_skipped_and_counted(ray_local, tiny_llms, tmp_path):
     good = encode_png(np.full((40, 48, 3), 200, np.uint8))  # not square, not 32: cropped and resized
     samples = [("ok1.png", good), ("ok1.txt", b"a red circle"),
@@ -121,6 +123,7 @@ def test_bad_samples_are_skipped_and_counted(ray_local, tiny_llms, tmp_path):
     assert manifest.totals()["skipped"] == result.skipped
 
 
+@pytest.mark.slow
 def test_s3_input_and_output(ray_local, tiny_llms, shapes_data, s3_server):
     from lidit.platform import storage as st
 
