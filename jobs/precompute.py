@@ -64,6 +64,9 @@ class PrecomputeSpec(Spec):
         return encoders
 
 
+SPEC = PrecomputeSpec  # the spec class `lidit submit` validates against
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object (last line)")
