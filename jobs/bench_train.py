@@ -1,8 +1,8 @@
 """`lidit bench train`: the train loop fed from Parquet next to the same model fed from in-memory tensors.
 
 One Ray Train run, one worker process: the same `Trainer` does warm-up steps, then `--steps` steps
-streaming the shards (`get_dataset_shard` -> `iter_torch_batches`), then `--steps` steps cycling
-batches already collated in memory. Printed: images/s, data-wait fraction (time blocked on the next
+streaming the shards (`get_dataset_shard` -> `iter_torch_batches`) and `--steps` steps cycling
+batches already collated in memory, alternating in rounds so both feeds see the same machine load. Printed: images/s, data-wait fraction (time blocked on the next
 batch / step time) and, on a GPU, MFU from `LiDiT.flops_per_image` (x3 for forward + backward).
 
 Data: by default tiny shards written on the fly (tiny LLM features of synthetic shapes captions,
@@ -103,36 +103,41 @@ def bench_loop_per_worker(config: dict) -> None:
     steps, warmup = config["bench_steps"], config["bench_warmup"]
     accum = trainer.spec.train.grad_accum
 
-    def timed(next_batches) -> dict:
-        wait = 0.0
-        for _ in range(warmup):
-            trainer.train_step(next_batches())
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            micro = next_batches()
-            wait += time.perf_counter() - t0
-            trainer.train_step(micro)
-        sync()
-        elapsed = time.perf_counter() - start
-        return {"images_per_s": steps * trainer.global_batch / elapsed, "data_wait_fraction": wait / elapsed,
-                "step_ms": 1000 * elapsed / steps}
-
     def sync() -> None:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
 
     stream = trainer.batches()
-    parquet = timed(lambda: [next(stream) for _ in range(accum)])
     cached = [next(stream) for _ in range(accum * 4)]
     cursor = iter(range(10**9))
-    memory = timed(lambda: [cached[next(cursor) % len(cached)] for _ in range(accum)])
+    feeds = {"parquet": lambda: [next(stream) for _ in range(accum)],
+             "memory": lambda: [cached[next(cursor) % len(cached)] for _ in range(accum)]}
+    totals = {name: {"elapsed": 0.0, "wait": 0.0, "steps": 0} for name in feeds}
+    for feed in feeds.values():
+        for _ in range(warmup):
+            trainer.train_step(feed())
+    rounds = max(1, min(5, steps))  # feeds alternate in rounds, so both see the same machine load
+    for round_index in range(rounds):
+        for name, feed in feeds.items():
+            count = steps // rounds + (1 if round_index < steps % rounds else 0)
+            sync()
+            start = time.perf_counter()
+            for _ in range(count):
+                t0 = time.perf_counter()
+                micro = feed()
+                totals[name]["wait"] += time.perf_counter() - t0
+                trainer.train_step(micro)
+            sync()
+            totals[name]["elapsed"] += time.perf_counter() - start
+            totals[name]["steps"] += count
+    timings = {name: {"images_per_s": t["steps"] * trainer.global_batch / t["elapsed"],
+                      "data_wait_fraction": t["wait"] / t["elapsed"], "step_ms": 1000 * t["elapsed"] / t["steps"]}
+               for name, t in totals.items()}
     text_len = [int(t.mask.sum(1).float().mean()) for t in cached[0].text]
     starts = [t.caption_start for t in cached[0].text]
     _, _, height, width = cached[0].images.shape
     flops = 3 * forward_flops(trainer, height, width, text_len, starts)
-    out = {"parquet": parquet, "memory": memory, "flops_per_image": flops, "device": str(trainer.device),
+    out = {**timings, "flops_per_image": flops, "device": str(trainer.device),
            "device_name": torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
            "world_size": trainer.world_size, "strategy": trainer.strategy, "bf16": trainer.bf16,
            "global_batch": trainer.global_batch}
@@ -214,7 +219,7 @@ def measure(args: argparse.Namespace, workdir: str) -> dict:
                 for e in dataset.encoders]
     spec = _spec(args, embeddings, workdir, encoders)
     result_uri = os.path.join(workdir, "bench-result.json")
-    needed = (args.steps + args.warmup + 4) * args.batch_size * args.workers
+    needed = (args.steps + 2 * args.warmup + 4) * args.batch_size * args.workers
     epochs = -(-needed // dataset.num_rows) + 1
     config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
               "metadata": checkpoint_metadata(dataset), "tracking_uri": None, "run_id": None,

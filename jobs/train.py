@@ -30,7 +30,6 @@ from lidit.platform.config import (
 
 log = logging.getLogger(__name__)
 
-PRESET_NAMES = ("tiny", "small", "1b", "10b")
 FROM_SHARDS = ("in_channels", "encoder_dims")  # model fields the shards decide
 
 
@@ -257,7 +256,8 @@ def data_plan(spec: TrainSpec, rows: int) -> dict[str, int]:
                         f"{spec.scaling.num_workers} workers is more than the {rows} rows of the shards")
     first = start_step * global_batch // rows
     last = -(-spec.train.steps * global_batch // rows)  # one epoch of margin: equal splits drop a few rows
-    return {"first_epoch": first, "epochs": max(1, min(last - first + 1, MAX_EPOCHS_PER_PASS)), "rows": rows}
+    return {"first_epoch": first, "epochs": max(1, min(last - first + 1, MAX_EPOCHS_PER_PASS)), "rows": rows,
+            "start_step": start_step}
 
 
 def build_dataset(spec: TrainSpec, dataset, first_epoch: int = 0, epochs: int = 1):
@@ -295,6 +295,11 @@ def train(spec: TrainSpec) -> TrainResult:
     run_id, resumed = tracking.start_run(uri, spec.tracking.experiment, spec.name,
                                          tags={"lidit.job": "train", "lidit.dataset": dataset.manifest.fingerprint})
     log.info("MLflow run %s (%s) at %s", run_id, "reopened" if resumed else "new", uri)
+    if plan["start_step"] >= spec.train.steps:  # a rerun of a finished spec: nothing to train
+        log.info("%s: already at step %d of %d", run_uri(spec), plan["start_step"], spec.train.steps)
+        metrics = dict(tracking.client(uri).get_run(run_id).data.metrics, step=plan["start_step"])
+        tracking.end_run(uri, run_id, "FINISHED")
+        return TrainResult(latest_checkpoint_uri(spec), run_id, plan["start_step"], metrics)
     try:
         result = _fit(spec, dataset, config, uri, run_id)
     except BaseException:

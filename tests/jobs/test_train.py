@@ -103,6 +103,8 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     assert [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")] == [4.0, 12.0]
     runs = client.search_runs([run.info.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'tiny-run'")
     assert len(runs) == 1
+    done = train(longer)  # nothing left to train: answered from the checkpoint, the run stays one
+    assert (done.run_id, done.final_step, done.checkpoint_uri) == (again.run_id, 16, again.checkpoint_uri)
 
     from lidit.models import load_checkpoint
 
