@@ -259,7 +259,10 @@ def _serve(spec: DemoSpec, workdir: Path, mlflow_uri: str, stages: Stages) -> di
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("stopping ...")
+    from ray import serve as ray_serve
+
     served.stop()
+    ray_serve.shutdown()  # the demo started Serve (its HTTP proxy on spec.serve.port): stop all of it
     return result
 
 

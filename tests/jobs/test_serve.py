@@ -63,6 +63,7 @@ def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
     first = registry.register_checkpoint(mlflow_server, v1, name=MODEL, alias="champion")
     second = registry.register_checkpoint(mlflow_server, v2, name=MODEL, alias=None)
 
+    ray_serve.shutdown()  # an earlier test's Serve instance would keep its own HTTP port
     port = free_port()
     common = [f"port={port}", "poll_interval_s=1", "encoder.num_cpus=0", "denoiser.num_cpus=0", "ingress.num_cpus=0",
               "limits.max_steps=20", "limits.default_steps=4"]
