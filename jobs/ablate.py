@@ -77,6 +77,14 @@ class BudgetSpec(Spec):
         return overrides
 
 
+class PrecomputeResourcesSpec(Spec):
+    """Ray resources of the precompute stages. The LLMs of one encoder set run at once, so their CPUs add
+    up: two 1-CPU actors plus the codec stage do not fit a 2-CPU machine (Ray Data then waits forever)."""
+
+    encoder_num_cpus: float | None = Field(0.5, gt=0, description="per LLM actor; None: the encoder specs' own")
+    stage_num_cpus: float = Field(0.25, gt=0, description="read, codec and write stages each")
+
+
 class AblateSpec(Spec):
     name: str = Field("ablation", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow run name")
     workdir: str = Field(".lidit/ablate", description="data, embeddings, checkpoints, evaluations, sqlite MLflow")
@@ -88,6 +96,7 @@ class AblateSpec(Spec):
     seeds: list[int] = Field([0, 1], min_length=1, description="training seeds; >= 2 to see the spread")
     data: AblateDataSpec = Field(default_factory=AblateDataSpec)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    precompute: PrecomputeResourcesSpec = Field(default_factory=PrecomputeResourcesSpec)
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     probe: ProbeSpec = Field(default_factory=ProbeSpec)
     floor: bool = Field(True, description="also evaluate the untrained full model (the benchmark's floor)")
@@ -118,7 +127,8 @@ class Variant:
 
     @property
     def id(self) -> str:
-        return f"{self.kind}-{self.llms}"
+        """`collaborative-smollm2-gemma3`: fits run names, folders and MLflow metric names (names have no '-')."""
+        return "-".join([self.kind, *(e.name for e in self.encoders)])
 
 
 @dataclass
@@ -225,6 +235,8 @@ def run_ablation(spec: AblateSpec) -> tuple[list[Outcome], str]:
     root = Path(spec.workdir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     encoders = resolve_encoders(spec.encoders, spec.models_dir)
+    if spec.precompute.encoder_num_cpus is not None:  # an execution setting: the features stay the same
+        encoders = [e.model_copy(update={"num_cpus": spec.precompute.encoder_num_cpus}) for e in encoders]
     plan = plan_variants(spec, encoders)
     data = write_data(spec, root)
     init_ray(spec.ray.address, spec.ray.num_cpus)
@@ -236,8 +248,9 @@ def run_ablation(spec: AblateSpec) -> tuple[list[Outcome], str]:
         if key not in datasets:
             result = precompute(PrecomputeSpec(
                 input=storage.join(data, "train-*.tar"), output=str(root / "embeddings"),
-                image_size=spec.data.image_size, encoders=variant.encoders, read_num_cpus=0.25, write_num_cpus=0.25,
-                codec={"num_cpus": 0.25}, storage=spec.storage, ray=spec.ray))
+                image_size=spec.data.image_size, encoders=variant.encoders, read_num_cpus=spec.precompute.stage_num_cpus,
+                write_num_cpus=spec.precompute.stage_num_cpus, codec={"num_cpus": spec.precompute.stage_num_cpus},
+                storage=spec.storage, ray=spec.ray))
             datasets[key] = result.dataset_uri
         outcome = Outcome(variant.id, variant.kind, variant.llms)
         for seed in spec.seeds:
@@ -321,14 +334,15 @@ def findings(outcomes: list[Outcome]) -> list[str]:
             lines.append(f"(a) probe {llm}: raw hidden states change {max(raw):.3g} at most (every variant); after "
                          "the token refiner " + (", ".join(f"{v:.3g} ({k})" for k, v in refined.items()) or "n/a"))
     for raw in (o for o in outcomes if o.kind == "raw"):  # one per LLM, or one over all of them
-        instructed = by_id.get(f"instruction-{raw.llms}")
+        instructed = by_id.get(raw.variant.replace("raw-", "instruction-", 1))
         if instructed:
             gains = [b["overall"] - a["overall"] for a, b in zip(raw.scores, instructed.scores)]
             lines.append(f"(b) + instruction for {raw.llms}: overall {spread([s['overall'] for s in raw.scores])[0]:.3f}"
                          f" -> {spread([s['overall'] for s in instructed.scores])[0]:.3f} (gain per seed: "
                          + ", ".join(f"{g:+.3f}" for g in gains) + ")")
     for raw in (o for o in outcomes if o.kind == "raw"):
-        ladder = [raw, *(by_id[v] for v in (f"instruction-{raw.llms}", f"refiner-{raw.llms}") if v in by_id),
+        later = (raw.variant.replace("raw-", f"{kind}-", 1) for kind in ("instruction", "refiner"))
+        ladder = [raw, *(by_id[v] for v in later if v in by_id),
                   *(o for o in outcomes if o.kind in ("concat", "collaborative"))]
         if len(ladder) < 2:
             continue
@@ -381,6 +395,9 @@ def log_ablation(spec: AblateSpec, outcomes: list[Outcome], text: str, extra: di
             tracking.log_artifact(uri, run_id, run["evaluation"], f"evaluations/{run.get('name', 'untrained')}")
     tracking.end_run(uri, run_id)
     return run_id
+
+
+SPEC = AblateSpec  # the spec class `lidit submit` validates against
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -143,8 +143,6 @@ class TrainSpec(Spec):
             raise ValueError("encoders: names must be unique")
         if self.chaos is not None and self.chaos.rank >= self.scaling.num_workers:
             raise ValueError(f"chaos.rank {self.chaos.rank} >= scaling.num_workers {self.scaling.num_workers}")
-        if self.train.strategy == "fsdp" and self.train.compile and not self.scaling.use_gpu:
-            raise ValueError("train.compile with fsdp needs GPUs (scaling.use_gpu)")
         return self
 
 
@@ -215,6 +213,7 @@ def run_uri(spec: TrainSpec) -> str:
 def latest_checkpoint_uri(spec: TrainSpec) -> str | None:
     """The newest complete checkpoint (`config.yaml` is written last) under `<output>/<name>/`."""
     fs, root = storage.filesystem(run_uri(spec), spec.storage)
+    fs.invalidate_cache()  # s3fs caches listings: Ray Train wrote new checkpoints behind its back
     if not fs.exists(root):
         return None
     names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
@@ -352,6 +351,9 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
         state = json.loads(storage.read_text(storage.join(checkpoint_uri, "train_state.json"), spec.storage))
         metrics["step"] = state["step"]
     return TrainResult(checkpoint_uri, run_id, int(metrics["step"]), metrics)
+
+
+SPEC = TrainSpec  # the spec class `lidit submit` validates against
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

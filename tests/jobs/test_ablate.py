@@ -23,21 +23,21 @@ def test_variants_follow_the_paper_ladder_one_change_per_step():
     plan = plan_variants(AblateSpec(encoders="tiny"), encoders)
 
     assert [v.id for v in plan] == ["raw-smollm2", "raw-gemma3", "instruction-smollm2", "instruction-gemma3",
-                                    "refiner-smollm2", "refiner-gemma3", "collaborative-smollm2+gemma3"]
+                                    "refiner-smollm2", "refiner-gemma3", "collaborative-smollm2-gemma3"]
     raw, instructed = plan[1].encoders[0], plan[3].encoders[0]
     assert (raw.instruction, raw.use_chat_template, raw.system_prompt, raw.layer) == ("", False, None, -3)
     assert instructed == encoders[1]  # + instruction: the encoder exactly as configured
     assert plan[-1].encoders == encoders
 
     last = plan_variants(AblateSpec(encoders="tiny", raw_layer=-1, per_llm=[], variants=["raw", "concat"]), encoders)
-    assert [v.id for v in last] == ["raw-smollm2+gemma3", "concat-smollm2+gemma3"]
+    assert [v.id for v in last] == ["raw-smollm2-gemma3", "concat-smollm2-gemma3"]
     assert [e.layer for e in last[0].encoders] == [-1, -1] and [e.layer for e in last[1].encoders] == [-3, -3]
 
 
 def test_findings_report_each_step_with_its_spread():
     def outcome(kind, llms, overall, probe=None):
         rows = [{"encoder": n, "raw": 0.0, "refined": probe or 0.0, "fused": probe or 0.0} for n in llms.split("+")]
-        return Outcome(f"{kind}-{llms}", kind, llms, [{"overall": v, "color": v} for v in overall],
+        return Outcome(f"{kind}-{llms.replace('+', '-')}", kind, llms, [{"overall": v, "color": v} for v in overall],
                        [rows for _ in overall])
 
     outcomes = [outcome("raw", "a", [0.10, 0.20]), outcome("instruction", "a", [0.30, 0.40]),
@@ -47,7 +47,7 @@ def test_findings_report_each_step_with_its_spread():
     assert "+ instruction for a: overall 0.150 -> 0.350 (gain per seed: +0.200, +0.200)" in text
     assert ("ladder from raw a: + instruction +0.200 (beyond the seed spread); + token refiner -0.025 (within the "
             "seed spread); + collaborative refiner +0.225 (beyond the seed spread) -> strict ordering does not hold") in text
-    assert "probe a: raw hidden states change 0 at most" in text and "0.2 (refiner-a), 0.1 (collaborative-a+b)" in text
+    assert "probe a: raw hidden states change 0 at most" in text and "0.2 (refiner-a), 0.1 (collaborative-a-b)" in text
     row = table_rows(outcomes)[0]
     assert row["overall"] == "0.150 ± 0.050" and row["count"] == "-" and row["probe b raw/refined/fused"] == "-"
 
@@ -90,9 +90,10 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
     run = client.search_runs([client.get_experiment_by_name("ablate-test").experiment_id],
                              filter_string="tags.`lidit.run_name` = 'ablation-test'")[0]
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "ablation.json", str(tmp_path))).read_text())
-    both = "tiny_llama+tiny_qwen2"
+    both = "tiny_llama-tiny_qwen2"
     variants = {v["variant"]: v for v in table["variants"]}
     assert list(variants) == [f"raw-{both}", f"instruction-{both}", f"refiner-{both}", f"collaborative-{both}", "floor"]
+    assert {v["llms"] for v in variants.values()} == {"tiny_llama+tiny_qwen2"}
 
     # one precompute per distinct encoder set: the instructed features are shared by three variants
     datasets = {name: v["runs"][0]["dataset"] for name, v in variants.items() if name != "floor"}
@@ -126,7 +127,8 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
     assert metrics[f"raw-{both}.probe.tiny_qwen2.raw"] == 0.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ablation.md", "ablation.json", "ablation_table.json", "evaluations", "spec.yaml"} <= artifacts
-    for label in (f"| raw LLM | {both} |", f"| + instruction | {both} |", "| + token refiner |",
-                  f"| + collaborative refiner | {both} |", "| untrained floor |", f"(b) + instruction for {both}",
-                  f"(c) ladder from raw {both}", "(a) probe tiny_qwen2"):
+    llms = "tiny_llama+tiny_qwen2"
+    for label in (f"| raw LLM | {llms} |", f"| + instruction | {llms} |", "| + token refiner |",
+                  f"| + collaborative refiner | {llms} |", "| untrained floor |", f"(b) + instruction for {llms}",
+                  f"(c) ladder from raw {llms}", "(a) probe tiny_qwen2"):
         assert label in printed

@@ -100,6 +100,7 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     longer = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": 16}), "chaos": None})
     again = train(longer)
     assert again.run_id == result.run_id and again.final_step == 16
+    assert again.checkpoint_uri.endswith("checkpoint_00000016")
     assert [m.value for m in client.get_metric_history(result.run_id, "resumed_from_step")] == [4.0, 12.0]
     runs = client.search_runs([run.info.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'tiny-run'")
     assert len(runs) == 1
