@@ -111,7 +111,8 @@ class SamplesSpec(Spec):
 
 
 class ChaosSpec(Spec):
-    """Fault-tolerance drill: worker `rank` kills itself (SIGKILL) once when it reaches `at_step`."""
+    """Fault-tolerance drill: worker `rank` kills itself (SIGKILL) once when it reaches `at_step`, after
+    Ray Train has registered the last checkpoint before it (the restart then resumes from that one)."""
 
     at_step: int = Field(..., gt=0)
     rank: int = Field(0, ge=0)

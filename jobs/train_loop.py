@@ -264,6 +264,7 @@ class Trainer:
         marker = storage.join(run_uri(self.spec), "chaos", f"killed-at-step-{chaos.at_step}")
         if storage.exists(marker, self.spec.storage):
             return
+        self.wait_until_registered((chaos.at_step // self.spec.checkpoint.every_steps) * self.spec.checkpoint.every_steps)
         storage.write_text_atomic(marker, f"rank {self.rank} pid {os.getpid()}\n", self.spec.storage)
         log.warning("chaos: rank %d kills itself at step %d", self.rank, self.step)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -278,6 +279,21 @@ class Trainer:
         drop = (torch.rand(text[0].states.shape[0], generator=self.generator) < rate).to(self.device)
         with parallel.root_unsharded(self.model):
             return model.drop_text(text, drop)
+
+    def wait_until_registered(self, step: int, timeout: float = 300.0) -> None:
+        """Block until Ray Train's controller lists the checkpoint of `step` in its snapshot file: a
+        checkpoint reported but not yet collected when the group dies is not resumed from."""
+        if step == 0:
+            return
+        snapshot = storage.join(run_uri(self.spec), "checkpoint_manager_snapshot.json")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            storage.filesystem(snapshot, self.spec.storage)[0].invalidate_cache()  # s3fs caches listings
+            if storage.exists(snapshot, self.spec.storage) and \
+                    f"checkpoint_{step:08d}" in storage.read_text(snapshot, self.spec.storage):
+                return
+            time.sleep(0.5)
+        log.warning("chaos: checkpoint of step %d not registered after %.0f s", step, timeout)
 
     def train_step(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm)."""
