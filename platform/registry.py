@@ -220,8 +220,10 @@ def resolve(uri: str, tracking_uri: str | None = None, cache: str | os.PathLike 
     info = alias_version(tracking_uri, name, alias) if alias else get_version(tracking_uri, name, version)
     if info is None:
         raise LiditError(f"{uri}: no such alias")
-    server = hashlib.sha256(str(tracking_uri).encode()).hexdigest()[:8]
-    target = Path(cache or storage.cache_dir()) / "registry" / server / info.name / info.version
+    # Keyed by what the version holds, not only its number: a new server on the same address (or a
+    # re-created registry) reuses names and numbers for other checkpoints.
+    key = hashlib.sha256(f"{tracking_uri}|{info.source}|{info.run_id}".encode()).hexdigest()[:12]
+    target = Path(cache or storage.cache_dir()) / "registry" / key / info.name / info.version
     if not (target / ".lidit-complete").exists():
         import mlflow
 

@@ -8,6 +8,7 @@ AWS variables (`AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `A
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -171,14 +172,24 @@ def cache_dir() -> Path:
 
 def local_copy(uri: str, spec: StorageSpec | None = None, cache: str | os.PathLike | None = None) -> str:
     """A local folder holding `uri`: local paths are returned as they are, s3:// prefixes are copied once
-    into the cache (keyed by URI, completed with a marker file) so `from_pretrained(path)` can read them."""
+    into the cache so `from_pretrained(path)` can read them. The cache is keyed by the URI, the endpoint
+    and a fresh listing of the prefix (keys, sizes, ETags): an object rewritten under the same URI, or the
+    same bucket name on another server, gets a new copy, never a stale one. Completed with a marker file."""
     if not is_remote(uri):
         path = filesystem(uri, spec)[1]
         if not os.path.exists(path):
             raise LiditError(f"{uri}: not found")
         return path
+    fs, path = filesystem(uri, spec)
+    fs.invalidate_cache()
+    listing = _remote_call(uri, fs.find, path.rstrip("/"), detail=True)
+    if not listing:
+        raise LiditError(f"{uri}: not found")
+    endpoint = str(getattr(fs, "endpoint_url", "") or "")
+    signature = json.dumps([uri, endpoint, sorted((k, v.get("size"), str(v.get("ETag") or v.get("mtime") or ""))
+                                                  for k, v in listing.items())])
     root = Path(cache or cache_dir()) / "remote"
-    target = root / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    target = root / hashlib.sha256(signature.encode()).hexdigest()[:16]
     marker = target / ".lidit-complete"
     if marker.exists():
         return str(target)

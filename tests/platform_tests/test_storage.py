@@ -27,6 +27,12 @@ def test_roundtrip(where, tmp_path, s3_server):
     storage.upload_dir(str(src), storage.join(root, "model"))
     local = storage.local_copy(storage.join(root, "model"), cache=tmp_path / "cache")
     assert open(f"{local}/sub/w.txt").read() == "weights"
+    assert storage.local_copy(storage.join(root, "model"), cache=tmp_path / "cache") == local  # cached
+    # the same URI with other content (rewritten, or the same bucket on a new server) is never served stale
+    (src / "sub" / "w.txt").write_text("new weights")
+    storage.upload_dir(str(src), storage.join(root, "model"))
+    fresh = storage.local_copy(storage.join(root, "model"), cache=tmp_path / "cache")
+    assert open(f"{fresh}/sub/w.txt").read() == "new weights"
 
 
 def test_parquet_through_arrow_filesystem(s3_server):
