@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from lidit.jobs.bench_train import make_tiny_embeddings
@@ -120,3 +121,20 @@ def _encoders(uri: str):
     from lidit.pipelines.shards import open_embeddings
 
     return open_embeddings(uri).encoders
+
+
+def test_ema_warms_up_so_short_runs_are_not_their_initial_weights():
+    from torch import nn
+
+    from lidit.jobs.train_loop import EMA
+
+    model = nn.Linear(2, 2, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)  # decay min(0.9999, 1/10): 90 % of the new weights
+    assert torch.allclose(ema.shadow[0], torch.full((2, 2), 0.9))
+    for step in range(1, 600):
+        ema.update(model, step)
+    assert torch.allclose(ema.shadow[0], torch.ones(2, 2), atol=1e-6)
