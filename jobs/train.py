@@ -309,6 +309,18 @@ def train(spec: TrainSpec) -> TrainResult:
     return result
 
 
+def text_statistics(dataset, rows: int = 1024) -> list[dict]:
+    """Per-channel caption-token statistics of each encoder's features over the data set's first `rows`
+    rows (plain pyarrow, in the driver): a fresh model standardises its LLM inputs with them
+    (`lidit.models.text_stats`); a resumed one keeps those in its checkpoint."""
+    from itertools import islice
+
+    from lidit.models.text_stats import caption_statistics
+
+    batches = islice(dataset.read_batches(batch_size=256), max(1, rows // 256))
+    return caption_statistics(batch.text for batch in batches)
+
+
 def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> TrainResult:
     import json
 
@@ -324,7 +336,7 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
                                profile={"rows": dataset.num_rows, "files": len(dataset.files),
                                         "encoders": {e.name: e.fingerprint for e in dataset.encoders},
                                         "codec": dataset.codec, "image_shape": list(dataset.image_shape)})
-    config = dict(config, tracking_uri=uri, run_id=run_id)
+    config = dict(config, tracking_uri=uri, run_id=run_id, text_statistics=text_statistics(dataset))
     filesystem, path = storage.arrow_filesystem(spec.output, spec.storage)
     if not storage.is_remote(spec.output):
         os.makedirs(path, exist_ok=True)

@@ -24,6 +24,7 @@ from lidit.jobs import parallel
 from lidit.jobs.train import TrainSpec, run_uri
 from lidit.models import DiffusionSchedule, LiDiT, LiDiTConfig, diffusion_loss, sample
 from lidit.models.checkpoint import load_training_state, save_checkpoint
+from lidit.models.text_stats import apply_text_statistics
 from lidit.platform import storage, tracking
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,10 @@ class Trainer:
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
         self.model_config = LiDiTConfig.from_dict(config["model"])
-        model = LiDiT(self.model_config).to(self.device)
+        model = LiDiT(self.model_config)
+        if config.get("text_statistics"):  # a resumed run loads its own from the checkpoint in restore()
+            apply_text_statistics(model, config["text_statistics"])
+        model = model.to(self.device)
         self.model = parallel.parallelize(model, self.strategy, self.device, self.bf16, spec.train.compile,
                                           spec.train.activation_checkpointing)
         self.sharded = parallel.is_sharded(self.model)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lidit.models.layers import MLP, Attention, init_weights, masked_mean, modulate, zero_init
+from lidit.models.text_stats import FeatureStandardizer
 
 
 class RefinerBlock(nn.Module):
@@ -45,6 +46,7 @@ class LinguisticTokenRefiner(nn.Module):
     ) -> None:
         super().__init__()
         self.causal = causal
+        self.standardize = FeatureStandardizer(in_dim)
         self.input_norm = nn.RMSNorm(in_dim, eps=1e-6)
         self.input_proj = nn.Linear(in_dim, dim)
         self.pool_proj = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -56,7 +58,7 @@ class LinguisticTokenRefiner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM states [B, S, in_dim], mask [B, S], timestep embedding [B, dim] -> tokens [B, S, dim],
         c [B, dim] = MLP(token-mean) + timestep embedding."""
-        states = self.input_norm(states.to(self.input_proj.weight.dtype))
+        states = self.input_norm(self.standardize(states.to(self.input_proj.weight.dtype)))
         c = self.pool_proj(masked_mean(states, mask)) + t_emb
         gate_c = c
         if self.causal:  # the gates of token i see the mean of tokens <= i only: nothing leaks back
