@@ -58,7 +58,7 @@ class AblateDataSpec(Spec):
 class BudgetSpec(Spec):
     """The training budget, the same for every variant."""
 
-    preset: Literal["tiny", "small", "1b", "10b"] = "tiny"
+    preset: Literal["tiny", "mini", "small", "1b", "10b"] = "tiny"
     overrides: dict = Field(default_factory=dict, description="LiDiTConfig fields (not use_refiner/use_collaborative)")
     steps: int = Field(300, gt=0)
     batch_size: int = Field(32, gt=0)

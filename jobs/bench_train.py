@@ -162,7 +162,7 @@ def mfu(result: dict, images_per_s: float) -> float | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "1b", "10b"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "mini", "small", "1b", "10b"])
     parser.add_argument("--embeddings", help="existing embedding data set (default: write one to a temp folder)")
     parser.add_argument("--synthetic", action="store_true", help="random features of the preset's widths")
     parser.add_argument("--image-size", type=int, default=32, help="pixels; latents are /8 (x16 ch) with --synthetic")

@@ -38,10 +38,10 @@ class DemoDataSpec(Spec):
 
 
 class DemoTrainSpec(Spec):
-    preset: str = "tiny"
+    preset: str = Field("mini", description="LiDiT preset; `mini` is sized for 32 px on a 2-core CPU")
     steps: int = Field(600, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(16, gt=0, description="per worker")
+    lr: float = Field(1e-3, gt=0)
     workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs free for the Ray Data reader on 2 cores")
     checkpoint_every: int = Field(200, gt=0)

@@ -36,7 +36,7 @@ FROM_SHARDS = ("in_channels", "encoder_dims")  # model fields the shards decide
 class ModelSpec(Spec):
     """LI-DiT size preset plus field overrides; input channels and encoder widths come from the shards."""
 
-    preset: Literal["tiny", "small", "1b", "10b"] = "tiny"
+    preset: Literal["tiny", "mini", "small", "1b", "10b"] = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict, description="LiDiTConfig fields, e.g. {depth: 4}")
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ class LiDiTConfig:
 
 def _preset(width: int, depth: int, heads: int, **defaults) -> Callable[..., LiDiTConfig]:
     def make(**overrides) -> LiDiTConfig:
-        values = dict(width=width, depth=depth, heads=heads, text_dim=width, text_heads=heads, **defaults)
+        values = {"width": width, "depth": depth, "heads": heads, "text_dim": width, "text_heads": heads, **defaults}
         return LiDiTConfig(**{**values, **overrides})
 
     return make
@@ -70,6 +70,8 @@ def _preset(width: int, depth: int, heads: int, **defaults) -> Callable[..., LiD
 
 PRESETS: dict[str, Callable[..., LiDiTConfig]] = {
     "tiny": _preset(64, 2, 4, in_channels=3, encoder_dims=[64, 96]),  # CPU tests (tiny LLM widths)
+    # the CPU demo at 32 px pixels: 8x8 patches of 4 px keep a step cheap on 2 cores; narrower text width
+    "mini": _preset(96, 3, 4, in_channels=3, patch_size=4, text_dim=64, text_heads=4),
     "small": _preset(384, 12, 6, in_channels=4),  # DiT-S width/depth
     "1b": _preset(1152, 28, 16),
     "10b": _preset(2816, 48, 44),
