@@ -9,6 +9,71 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# CPU float32 linears go through oneDNN's JIT GEMM (the kernel PyTorch already uses for bfloat16
+# matmuls and for convolutions) rather than the BLAS sgemm that `F.linear` calls: on AMD EPYC,
+# MKL's sgemm runs its AVX2 code path, and oneDNN's AVX-512 GEMM was 2.3x faster here (250 vs
+# 110 GFLOP/s per core, `lidit bench model`, docs/models.md). Same float32 arithmetic.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_MIN_MACS = 1 << 18  # below this a GEMM is too small for the switch to pay
+
+
+def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias for strided CPU float32 tensors (no copies for transposed views)."""
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_matmul(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_matmul(grad, weight.t())
+        rows = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies a transposed first operand: transpose the cheaper side
+            inputs = x.reshape(-1, x.shape[-1])
+            (count, features), outputs = inputs.shape, rows.shape[1]
+            if count * outputs <= count * features + features * outputs:
+                grad_weight = _onednn_matmul(rows.t(), inputs.t())
+            else:
+                grad_weight = _onednn_matmul(inputs.t(), rows.t()).t().contiguous()
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def use_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where `linear` takes the oneDNN path: eager CPU float32, no autocast, a GEMM big enough."""
+    return (
+        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS
+        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, computed by oneDNN on CPU float32 (see above)."""
+    if not use_onednn_linear(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return _onednn_matmul(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict keys) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
@@ -32,19 +97,19 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.cross = context_dim is not None
         if self.cross:
-            self.q = nn.Linear(dim, dim)
-            self.kv = nn.Linear(context_dim, 2 * dim)
+            self.q = Linear(dim, dim)
+            self.kv = Linear(context_dim, 2 * dim)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim)
+            self.qkv = Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
-        """x [B, N, dim]; context [B, M, context_dim] (cross) ; mask [B, M] bool over the keys."""
+        """x [B, N, dim]; context [B, M, context_dim] (cross); attn_mask from `attention_mask`."""
         batch, tokens, dim = x.shape
         if self.cross:
             q = self.q(x).view(batch, tokens, self.heads, self.head_dim)
@@ -52,24 +117,31 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        attn_mask = None
-        if mask is not None:
-            # a row with no valid key would give NaN: let it see everything (its output is unused)
-            mask = mask | ~mask.any(-1, keepdim=True)
-            attn_mask = mask[:, None, None, :]
-            if causal:
-                attn_mask = attn_mask & torch.ones(tokens, tokens, dtype=torch.bool, device=x.device).tril()
-            causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def attention_mask(mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor | None:
+    """The SDPA mask for a [B, M] key mask, built once per forward and shared by the blocks.
+
+    None when every key is valid: SDPA then takes its unmasked path (and `causal` its is_causal
+    flag), which gives the same output as an all-true mask. Otherwise a boolean [B, 1, 1, M]
+    mask, or [B, 1, M, M] with `causal` (queries = keys)."""
+    if mask is None or bool(mask.all()):
+        return None
+    # a row with no valid key would give NaN: let it see everything (its output is unused)
+    mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+    if causal:
+        mask = mask & torch.ones(mask.shape[-1], mask.shape[-1], dtype=torch.bool, device=mask.device).tril()
+    return mask
 
 
 class MLP(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -81,7 +153,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_dim // 2

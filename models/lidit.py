@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lidit.models.encoders import PromptFeatures
-from lidit.models.layers import MLP, Attention, TimestepEmbedder, init_weights, masked_mean, modulate, zero_init
+from lidit.models.layers import MLP, Attention, Linear, TimestepEmbedder, attention_mask, init_weights, masked_mean, modulate, zero_init
 from lidit.models.presets import LiDiTConfig
 from lidit.models.refiners import CollaborativeRefiner, LinguisticTokenRefiner, concat_captions
 
@@ -46,10 +46,13 @@ class LiDiTBlock(nn.Module):
         self.cross_attn = Attention(width, heads, context_dim=text_dim, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(width, mlp_ratio)
-        self.adaLN_modulation = zero_init(nn.Linear(width, 9 * width))
+        self.adaLN_modulation = zero_init(Linear(width, 9 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, N, width]; c = SiLU(conditioning) [B, width]; text [B, M, text_dim], text_mask [B, M]."""
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [B, N, width]; c = SiLU(conditioning) [B, width]; text [B, M, text_dim] with its
+        mask from `attention_mask` (None: every token valid)."""
         shift1, scale1, gate1, shift2, scale2, gate2, shift3, scale3, gate3 = self.adaLN_modulation(c).chunk(9, -1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2.unsqueeze(1) * self.cross_attn(modulate(self.norm2(x), shift2, scale2), text, text_mask)
@@ -60,8 +63,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, patch_size: int, channels: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = zero_init(nn.Linear(width, 2 * width))
-        self.linear = zero_init(nn.Linear(width, patch_size * patch_size * channels))
+        self.adaLN_modulation = zero_init(Linear(width, 2 * width))
+        self.linear = zero_init(Linear(width, patch_size * patch_size * channels))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -88,7 +91,7 @@ class LiDiT(nn.Module):
             if cfg.use_collaborative else None
         )
         self.text_pool = (
-            nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
+            nn.Sequential(Linear(cfg.text_dim, cfg.width), nn.SiLU(), Linear(cfg.width, cfg.width))
             if cfg.pooled_text == "refined" else None
         )
         # Learned null caption per encoder (one token in LLM-feature space) for CFG and text dropout.
@@ -127,14 +130,16 @@ class LiDiT(nn.Module):
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"x: height/width {height}x{width} are not multiples of patch_size {p}")
-        x = self.pos_block(self.x_embedder(x)).flatten(2).transpose(1, 2)
+        # contiguous tokens: a transposed view would make every LayerNorm of every block copy its input
+        x = self.pos_block(self.x_embedder(x)).flatten(2).transpose(1, 2).contiguous()
         text_tokens, text_mask = self.encode_text(text, t)
         c = self.t_embedder(t)
         if self.text_pool is not None:
             c = c + self.text_pool(masked_mean(text_tokens, text_mask))
         c = F.silu(c)
+        text_attn_mask = attention_mask(text_mask)
         for block in self.blocks:
-            x = block(x, c, text_tokens, text_mask)
+            x = block(x, c, text_tokens, text_attn_mask)
         x = self.final_layer(x, c)
         x = x.view(batch, height // p, width // p, p, p, self.config.in_channels)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, self.config.in_channels, height, width)
@@ -186,13 +191,13 @@ class LiDiT(nn.Module):
         for dim, s in zip(cfg.encoder_dims, lens):
             flops += 2 * (dim * td + td * td) + 2 * s * dim * td
             flops += depth * (2 * td * 2 * td + 8 * s * td * td + 4 * s * s * td + 4 * s * td * text_hidden)
-        if cfg.use_collaborative:
-            for s in lens:
-                others = sum(lens) - s
+        if cfg.use_collaborative:  # caption tokens are the queries; every token of the others is a key
+            for s, st in zip(lens, starts):
+                others, queries = sum(lens) - s, s - st
                 cross = n_enc > 1
-                flops += 2 * td * (6 if cross else 3) * td + 4 * s * td * text_hidden
+                flops += 2 * td * (6 if cross else 3) * td + 4 * queries * td * text_hidden
                 if cross:
-                    flops += 4 * s * td * td + 4 * others * td * td + 4 * s * others * td
+                    flops += 4 * queries * td * td + 4 * others * td * td + 4 * queries * others * td
         if cfg.pooled_text == "refined":
             flops += 2 * (td * w + w * w)
         block = 2 * w * 9 * w + 8 * n * w * w + 4 * n * n * w  # adaLN + self-attention

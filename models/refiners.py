@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lidit.models.layers import MLP, Attention, init_weights, masked_mean, modulate, zero_init
+from lidit.models.layers import MLP, Attention, Linear, attention_mask, init_weights, masked_mean, modulate, zero_init
 from lidit.models.text_stats import FeatureStandardizer
 
 
@@ -25,12 +25,15 @@ class RefinerBlock(nn.Module):
         self.attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, mlp_ratio)
-        self.gate = zero_init(nn.Linear(dim, 2 * dim))
+        self.gate = zero_init(Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, c: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, c: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        """x [B, S, dim]; attn_mask from `attention_mask`; c [B, dim] (or [B, S, dim] when causal)."""
         gates = self.gate(F.silu(c))
         gate_attn, gate_mlp = (gates.unsqueeze(1) if gates.dim() == 2 else gates).chunk(2, dim=-1)
-        x = x + gate_attn * self.attn(self.norm1(x), mask=mask, causal=causal)
+        x = x + gate_attn * self.attn(self.norm1(x), attn_mask=attn_mask, causal=causal)
         return x + gate_mlp * self.mlp(self.norm2(x))
 
 
@@ -46,10 +49,10 @@ class LinguisticTokenRefiner(nn.Module):
     ) -> None:
         super().__init__()
         self.causal = causal
-        self.standardize = FeatureStandardizer(in_dim)
+        self.standardize = FeatureStandardizer(in_dim)  # per-channel, fitted on the training data (text_stats)
         self.input_norm = nn.RMSNorm(in_dim, eps=1e-6)
-        self.input_proj = nn.Linear(in_dim, dim)
-        self.pool_proj = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.input_proj = Linear(in_dim, dim)
+        self.pool_proj = nn.Sequential(Linear(in_dim, dim), nn.SiLU(), Linear(dim, dim))
         self.blocks = nn.ModuleList([RefinerBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(depth)])
         init_weights(self)
 
@@ -66,8 +69,9 @@ class LinguisticTokenRefiner(nn.Module):
             running = (states * weight).cumsum(1) / weight.cumsum(1).clamp(min=1.0)
             gate_c = self.pool_proj(running) + t_emb.unsqueeze(1)
         x = self.input_proj(states)
+        attn_mask = attention_mask(mask, self.causal)
         for block in self.blocks:
-            x = block(x, mask, gate_c, self.causal)
+            x = block(x, attn_mask, gate_c, self.causal)
         return x, c
 
 
@@ -81,15 +85,16 @@ class CollaborativeBlock(nn.Module):
         self.attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm) if cross else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, mlp_ratio)
-        self.modulation = zero_init(nn.Linear(dim, (6 if cross else 3) * dim))
+        self.modulation = zero_init(Linear(dim, (6 if cross else 3) * dim))
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, others: torch.Tensor | None, others_mask: torch.Tensor | None
     ) -> torch.Tensor:
+        """x [B, L, dim] (queries); c [B, dim]; others [B, M, dim] with its mask from `attention_mask`."""
         chunks = self.modulation(F.silu(c)).chunk(6 if self.cross else 3, dim=-1)
         if self.cross:
             shift, scale, gate = chunks[:3]
-            attended = self.attn(modulate(self.norm1(x), shift, scale), context=others, mask=others_mask)
+            attended = self.attn(modulate(self.norm1(x), shift, scale), context=others, attn_mask=others_mask)
             x = x + gate.unsqueeze(1) * attended
         shift, scale, gate = chunks[-3:]
         return x + gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
@@ -116,15 +121,23 @@ class CollaborativeRefiner(nn.Module):
             others = others_mask = None
             if len(tokens) > 1:
                 others = torch.cat([x for j, x in enumerate(tokens) if j != i], dim=1)
-                others_mask = torch.cat([m for j, m in enumerate(masks) if j != i], dim=1)
-            refined.append(block(tokens[i], conds[i], others, others_mask))
-        return concat_captions(refined, masks, caption_starts)
+                others_mask = attention_mask(torch.cat([m for j, m in enumerate(masks) if j != i], dim=1))
+            # Every token is updated on its own (FFN, and attention whose keys are the other
+            # branches), and the instruction tokens are dropped right after: only the caption
+            # tokens are computed as queries; the instruction tokens still serve as keys.
+            refined.append(block(tokens[i][:, caption_starts[i]:], conds[i], others, others_mask))
+        return concat_captions(refined, masks, [0] * len(refined), caption_starts)
 
 
 def concat_captions(
-    tokens: list[torch.Tensor], masks: list[torch.Tensor], caption_starts: list[int]
+    tokens: list[torch.Tensor], masks: list[torch.Tensor], caption_starts: list[int],
+    mask_starts: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop each stream's instruction tokens and concatenate the rest: [B, sum L_i, dim]."""
+    """Drop each stream's instruction tokens and concatenate the rest: [B, sum L_i, dim].
+
+    `mask_starts` (default `caption_starts`): where the captions begin in `masks`, for tokens
+    that come already cut."""
+    mask_starts = caption_starts if mask_starts is None else mask_starts
     text = torch.cat([x[:, start:] for x, start in zip(tokens, caption_starts)], dim=1)
-    mask = torch.cat([m[:, start:] for m, start in zip(masks, caption_starts)], dim=1)
+    mask = torch.cat([m[:, start:] for m, start in zip(masks, mask_starts)], dim=1)
     return text, mask
