@@ -39,7 +39,7 @@ class DemoDataSpec(Spec):
 
 class DemoTrainSpec(Spec):
     preset: str = Field("mini", description="LiDiT preset; `mini` is sized for 32 px on a 2-core CPU")
-    steps: int = Field(600, gt=0)
+    steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0, description="per worker")
     lr: float = Field(1e-3, gt=0)
     workers: int = Field(2, gt=0)
