@@ -199,11 +199,16 @@ def model_config(spec: TrainSpec, dataset) -> dict:
     return config.to_dict()
 
 
-def checkpoint_metadata(dataset) -> dict:
-    """What every checkpoint's config.yaml records besides the model: encoders, codec, image size."""
+def checkpoint_metadata(dataset, diffusion: DiffusionSpec | None = None) -> dict:
+    """What every checkpoint's config.yaml records besides the model: encoders, codec, image size and
+    the diffusion schedule it was trained with (evaluation and serving sample with the same one)."""
+    from lidit.models import DiffusionSchedule
+
+    diffusion = diffusion or DiffusionSpec()
     encoders = [dict(e.config, name=e.name, fingerprint=e.fingerprint, hidden_size=e.hidden_size,
                      stored_dtype=e.dtype, prefix_len=e.prefix_len) for e in dataset.encoders]
     return {"encoders": encoders, "codec": dataset.codec, "image_shape": list(dataset.image_shape),
+            "schedule": DiffusionSchedule(diffusion.num_steps, diffusion.kind).config(),
             "dataset": {"uri": dataset.uri, "fingerprint": dataset.manifest.fingerprint}}
 
 
@@ -288,7 +293,7 @@ def train(spec: TrainSpec) -> TrainResult:
     check_encoders(spec, dataset)
     plan = data_plan(spec, dataset.num_rows)
     config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
-              "metadata": checkpoint_metadata(dataset), "data": plan}
+              "metadata": checkpoint_metadata(dataset, spec.diffusion), "data": plan}
 
     init_ray(spec.ray.address, spec.ray.num_cpus)
     uri = tracking.tracking_uri(spec.tracking, spec.workdir)

@@ -115,6 +115,25 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 16
     assert [e["fingerprint"] for e in config["encoders"]] == [e.fingerprint for e in _encoders(tiny_embeddings)]
     assert model.config.encoder_dims == [64, 96]
+    assert config["schedule"] == {"num_steps": 1000, "kind": spec.diffusion.kind, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def test_checkpoints_record_the_diffusion_schedule_they_were_trained_with(tiny_embeddings, tmp_path):
+    """Evaluation and serving sample with the checkpoint's schedule: a cosine-trained model sampled
+    with the default linear one would be scored on the wrong noise levels."""
+    from lidit.jobs.train import DiffusionSpec, checkpoint_metadata
+    from lidit.models import DiffusionSchedule, LiDiT, lidit_config, save_checkpoint
+    from lidit.models.generate import TextToImagePipeline
+    from lidit.pipelines.shards import open_embeddings
+
+    dataset = open_embeddings(tiny_embeddings)
+    metadata = checkpoint_metadata(dataset, DiffusionSpec(num_steps=500, kind="cosine"))
+    assert metadata["schedule"]["kind"] == "cosine" and metadata["schedule"]["num_steps"] == 500
+    model = LiDiT(lidit_config("tiny", encoder_dims=[e.hidden_size for e in dataset.encoders], in_channels=3))
+    save_checkpoint(str(tmp_path / "ckpt"), model, None, metadata)
+    schedule = TextToImagePipeline.from_checkpoint(str(tmp_path / "ckpt")).schedule
+    expected = DiffusionSchedule(500, "cosine")
+    assert schedule.kind == "cosine" and torch.equal(schedule.alphas_cumprod, expected.alphas_cumprod)
 
 
 def _encoders(uri: str):
