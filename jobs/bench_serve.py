@@ -126,7 +126,7 @@ def _spec(checkpoint: str, name: str, port: int, batch: int, args: argparse.Name
                  f"limits.max_steps={max(args.steps, 50)}", "limits.max_n=1"]
     for part in ("encoder", "denoiser", "ingress"):
         overrides += [f"{part}.num_cpus=0", f"{part}.max_ongoing_requests={max(2 * batch, 32)}"]
-    overrides += [f"encoder.max_batch_size={batch}", f"denoiser.max_batch_size={batch}"]
+    overrides += [f"{part}.max_batch_size={batch}" for part in ("encoder", "denoiser", "ingress")]
     return load_spec(ServeSpec, None, overrides)
 
 

@@ -38,8 +38,9 @@ class AutoscalingSpec(Spec):
 
 
 class DeploymentSpec(Spec):
-    """Resources and batching of one deployment. `max_batch_size` counts prompts for an encoder and
-    images for the denoiser; `max_ongoing_requests` must be at least the batch size (it caps it)."""
+    """Resources and batching of one deployment. `max_batch_size` counts prompts for an encoder,
+    images for the denoiser and requests for the ingress (it sends a batch's calls downstream together);
+    `max_ongoing_requests` must be at least the batch size (it caps it)."""
 
     num_replicas: int = Field(1, gt=0)
     autoscaling: AutoscalingSpec | None = None
@@ -111,7 +112,7 @@ class ServeSpec(Spec):
     limits: LimitsSpec = LimitsSpec()
     encoder: DeploymentSpec = DeploymentSpec(num_cpus=0.25, max_batch_size=16, max_ongoing_requests=32)
     denoiser: DeploymentSpec = DeploymentSpec(num_cpus=1.0, max_batch_size=16, max_ongoing_requests=32)
-    ingress: DeploymentSpec = DeploymentSpec(num_cpus=0.1, max_batch_size=1, max_ongoing_requests=64)
+    ingress: DeploymentSpec = DeploymentSpec(num_cpus=0.1, max_batch_size=16, max_ongoing_requests=64)
 
     @model_validator(mode="after")
     def _batch_holds_a_request(self) -> "ServeSpec":

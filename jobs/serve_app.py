@@ -43,12 +43,20 @@ from lidit.platform.storage import local_copy
 log = logging.getLogger("lidit.serve")
 PLAYGROUND = Path(platform_config.__file__).parent / "static" / "playground.html"  # package data of lidit.platform
 KEEP_VERSIONS = 2  # the serving version and the one before it (requests in flight)
+INGRESS_CONCURRENT_BATCHES = 2  # a batch can go to the encoders while the one before it is being denoised
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def _use_cpus(num_cpus: float) -> None:
+    """Torch intra-op threads = the CPUs the replica reserved (at least one). Torch's default, every core
+    of the machine in every replica, oversubscribes the CPU: replicas and the proxy then wait on each
+    other's spinning OpenMP threads (a tiny forward does not split usefully over threads anyway)."""
+    torch.set_num_threads(max(1, int(num_cpus)))
 
 
 class _Versions:
@@ -87,8 +95,10 @@ class EncodedText(NamedTuple):
 class PromptEncoder:
     """A frozen LLM prompt encoder (Sec. 3.2), batched over prompts of concurrent requests."""
 
-    def __init__(self, name: str, device: str, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+    def __init__(self, name: str, device: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 num_cpus: float = 1.0) -> None:
         self.name, self.device = name, _device(device)
+        _use_cpus(num_cpus)
         self.encoders = _Versions(self._load)  # fingerprint -> LLMPromptEncoder
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -112,6 +122,11 @@ class PromptEncoder:
 
     async def __call__(self, config: EncoderConfig, stored_dtype: str | None, text: str) -> EncodedText:
         return await self.encode_batch((config, stored_dtype, text))
+
+    async def encode_many(self, config: EncoderConfig, stored_dtype: str | None, texts: list[str]) -> list[EncodedText]:
+        """The prompts of a batch of requests (the ingress batches them): one call, one Ray hop; they join
+        this replica's batch queue together, so they share LLM forwards with each other and with other callers."""
+        return list(await asyncio.gather(*(self.encode_batch((config, stored_dtype, text)) for text in texts)))
 
     @serve.batch
     async def encode_batch(self, items: list[tuple[EncoderConfig, str | None, str]]) -> list[EncodedText]:
@@ -190,8 +205,9 @@ class Denoiser:
     """Refiners + LI-DiT + DDIM + codec (Sec. 3.3-3.4), batched over the images of concurrent requests."""
 
     def __init__(self, tracking_uri: str | None, device: str, dtype: str, max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
+                 batch_wait_timeout_s: float, num_cpus: float = 1.0) -> None:
         self.tracking_uri, self.device = tracking_uri, _device(device)
+        _use_cpus(num_cpus)
         self.dtype = getattr(torch, dtype)
         self.models = _Versions(self._load)  # version uri -> _Model
         self.denoise_batch.set_max_batch_size(max_batch_size)
@@ -219,6 +235,11 @@ class Denoiser:
 
     async def __call__(self, ref: ModelRef, job: DenoiseJob) -> DenoiseResult:
         return await self.denoise_batch((ref, job))
+
+    async def denoise_many(self, ref: ModelRef, jobs: list[DenoiseJob]) -> list[DenoiseResult]:
+        """The jobs of a batch of requests (the ingress batches them): one call, one Ray hop; they join this
+        replica's batch queue together (`max_batch_size` images per sampling run)."""
+        return list(await asyncio.gather(*(self.denoise_batch((ref, job)) for job in jobs)))
 
     @serve.batch(batch_size_fn=_images_in)
     async def denoise_batch(self, items: list[tuple[ModelRef, DenoiseJob]]) -> list[DenoiseResult]:
@@ -303,6 +324,8 @@ class Ingress:
         self.error: str | None = None
         self.ready = asyncio.Event()
         self.page = PLAYGROUND.read_text()
+        self._generate_batch.set_max_batch_size(settings["max_batch_size"])
+        self._generate_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
         self.poller = asyncio.get_running_loop().create_task(self._poll(ref))
 
     async def _activate(self, ref: ModelRef) -> None:
@@ -397,20 +420,54 @@ class Ingress:
             raise ApiError(413, f"body: {length} bytes is over the limit of {limits.max_body_bytes}", "body", "too_large")
         data = parse_json(await request.body(), limits.max_body_bytes)
         gen = validate_request(data, limits, random.randrange(MAX_SEED - limits.max_n))
-        prompts = [gen.prompt] + ([gen.negative_prompt] if gen.negative_prompt else [])
-        encoders = ref.encoders()
-        encoded = await asyncio.gather(*(self.encoders[name].remote(config, stored, text)
-                                         for text in prompts for name, config, stored in encoders))
-        truncated = max(e.truncated for e in encoded)
-        if truncated and self.settings["limits"]["long_prompt"] == "reject":
-            field = "prompt" if max(e.truncated for e in encoded[: len(encoders)]) else "negative_prompt"
-            limit = min(config.max_tokens for _, config, _ in encoders)
-            raise ApiError(422, f"{field}: {truncated} token(s) over the encoder limit of {limit} tokens "
-                                f"(template included); shorten it", field)
-        job = DenoiseJob(list(encoded[: len(encoders)]), list(encoded[len(encoders):]) or None, gen.seeds,
-                         gen.steps, gen.height, gen.width, gen.guidance)
-        result: DenoiseResult = await self.denoiser.remote(ref, job)
+        outcome = await self._generate_batch((ref, gen))
+        if isinstance(outcome, ApiError):
+            raise outcome
+        result, truncated = outcome
         return await asyncio.to_thread(self._respond, gen, ref, result, truncated)
+
+    @serve.batch(max_concurrent_batches=INGRESS_CONCURRENT_BATCHES)
+    async def _generate_batch(self, items: list[tuple[ModelRef, Generation]]) -> list[tuple[DenoiseResult, int] | ApiError]:
+        """Validated requests that arrived together: one call per encoder with all their prompts and one
+        denoiser call with all their jobs, per model version, instead of three Ray calls per request (the
+        handle hops, serialisation and per-call replica work are most of a tiny model's request cost).
+        A request whose prompt is over an encoder's limit gets its 422; its batch-mates go on."""
+        out: list[tuple[DenoiseResult, int] | ApiError | None] = [None] * len(items)
+        groups: dict[str, list[int]] = {}
+        for i, (ref, _) in enumerate(items):
+            groups.setdefault(ref.uri, []).append(i)
+        await asyncio.gather(*(self._generate_group(items, rows, out) for rows in groups.values()))
+        return out  # type: ignore[return-value]
+
+    async def _generate_group(self, items: list[tuple[ModelRef, Generation]], rows: list[int], out: list) -> None:
+        ref = items[rows[0]][0]
+        encoders = ref.encoders()
+        texts: list[str] = []
+        spans: list[tuple[int, bool]] = []  # (index of the prompt in texts, has a negative prompt)
+        for i in rows:
+            gen = items[i][1]
+            spans.append((len(texts), bool(gen.negative_prompt)))
+            texts += [gen.prompt] + ([gen.negative_prompt] if gen.negative_prompt else [])
+        per_encoder: list[list[EncodedText]] = await asyncio.gather(
+            *(self.encoders[name].encode_many.remote(config, stored, texts) for name, config, stored in encoders))
+        jobs, targets = [], []
+        for i, (first, has_negative) in zip(rows, spans):
+            gen = items[i][1]
+            positive = [encoded[first] for encoded in per_encoder]
+            negative = [encoded[first + 1] for encoded in per_encoder] if has_negative else None
+            truncated = max(e.truncated for e in positive + (negative or []))
+            if truncated and self.settings["limits"]["long_prompt"] == "reject":
+                field = "prompt" if max(e.truncated for e in positive) else "negative_prompt"
+                limit = min(config.max_tokens for _, config, _ in encoders)
+                out[i] = ApiError(422, f"{field}: {truncated} token(s) over the encoder limit of {limit} tokens "
+                                       f"(template included); shorten it", field)
+                continue
+            jobs.append(DenoiseJob(positive, negative, gen.seeds, gen.steps, gen.height, gen.width, gen.guidance))
+            targets.append((i, truncated))
+        if jobs:
+            results = await self.denoiser.denoise_many.remote(ref, jobs)
+            for (i, truncated), result in zip(targets, results):
+                out[i] = (result, truncated)
 
     def _respond(self, gen: Generation, ref: ModelRef, result: DenoiseResult, truncated: int) -> Response:
         headers = {"X-Lidit-Model": ref.name, "X-Lidit-Model-Version": ref.version, "X-Lidit-Seed": str(gen.seed),
@@ -430,11 +487,13 @@ def build_app(spec: ServeSpec, source: ModelSource, ref: ModelRef, auth_digest: 
     """The deployment graph for `ref`'s encoders; resources and batching from the spec."""
     encoders = {
         name: PromptEncoder.options(name=f"PromptEncoder_{name}", **spec.encoder.options()).bind(
-            name, spec.device, spec.encoder.max_batch_size, spec.encoder.batch_wait_timeout_s)
+            name, spec.device, spec.encoder.max_batch_size, spec.encoder.batch_wait_timeout_s, spec.encoder.num_cpus)
         for name, _, _ in ref.encoders()
     }
     denoiser = Denoiser.options(**spec.denoiser.options()).bind(
-        source.tracking_uri, spec.device, spec.dtype, spec.denoiser.max_batch_size, spec.denoiser.batch_wait_timeout_s)
+        source.tracking_uri, spec.device, spec.dtype, spec.denoiser.max_batch_size, spec.denoiser.batch_wait_timeout_s,
+        spec.denoiser.num_cpus)
     settings = {"limits": spec.limits.model_dump(), "poll_interval_s": spec.poll_interval_s,
-                "auth_digest": auth_digest, "ready_timeout_s": spec.ready_timeout_s}
+                "auth_digest": auth_digest, "ready_timeout_s": spec.ready_timeout_s,
+                "max_batch_size": spec.ingress.max_batch_size, "batch_wait_timeout_s": spec.ingress.batch_wait_timeout_s}
     return Ingress.options(**spec.ingress.options()).bind(encoders, denoiser, source, ref, settings)
