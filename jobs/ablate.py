@@ -65,6 +65,8 @@ class BudgetSpec(Spec):
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(30, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
+    schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+        "cosine", description="DDPM noise schedule; cosine: 32 px pixel-space images learn their captions reliably")
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
 
@@ -180,8 +182,8 @@ def write_data(spec: AblateSpec, root: Path) -> str:
 
 def train_variant(spec: AblateSpec, variant: Variant, seed: int, dataset: str, root: Path) -> dict:
     """Train one variant with one seed through `lidit train`; a rerun of the same spec reuses the run."""
-    from lidit.jobs.train import (CheckpointSpec, DataSpec, LoopSpec, ModelSpec, OptimSpec, SamplesSpec, TrainSpec,
-                                  latest_checkpoint, train)
+    from lidit.jobs.train import (CheckpointSpec, DataSpec, DiffusionSpec, LoopSpec, ModelSpec, OptimSpec,
+                                  SamplesSpec, TrainSpec, latest_checkpoint, train)
     from lidit.platform.config import ScalingSpec
 
     b = spec.budget
@@ -194,6 +196,7 @@ def train_variant(spec: AblateSpec, variant: Variant, seed: int, dataset: str, r
                                                     "use_collaborative": use_collaborative}),
         optim=OptimSpec(lr=b.lr, warmup_steps=b.warmup_steps, ema_decay=b.ema_decay),
         train=LoopSpec(steps=b.steps, seed=seed, log_every=max(1, b.steps // 20)),
+        diffusion=DiffusionSpec(kind=b.schedule),
         checkpoint=CheckpointSpec(every_steps=b.steps, num_to_keep=1, log_final_to_mlflow=False),
         samples=SamplesSpec(prompts=0), scaling=ScalingSpec(num_workers=b.workers, cpus_per_worker=b.cpus_per_worker),
         storage=spec.storage, tracking=spec.tracking, ray=spec.ray)
