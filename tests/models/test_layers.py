@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lidit.models import CollaborativeRefiner
 from lidit.models import layers
-from lidit.models.layers import Attention, Linear, attention_mask
+from lidit.models.layers import MLP, Attention, Linear, attention_mask, linear_gelu
 
 needs_onednn = pytest.mark.skipif(layers._ONEDNN_LINEAR is None, reason="PyTorch built without oneDNN")
 
@@ -90,3 +90,21 @@ def test_collaborative_refiner_computes_only_caption_queries_exactly(padded):
         reference.append(block(tokens[i], conds[i], others, others_mask)[:, starts[i]:])
     torch.testing.assert_close(text, torch.cat(reference, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mask, torch.cat([m[:, s:] for m, s in zip(masks, starts)], 1))
+
+
+@needs_onednn
+def test_fused_linear_gelu_equals_the_unfused_mlp():
+    """Without autograd the MLP's GELU is a oneDNN GEMM post-op; with it, the separate GELU: both give
+    `F.gelu(F.linear(...), approximate="tanh")`, and the MLP gives one output in either mode."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(4, 300, 64) * 3, torch.randn(256, 64), torch.randn(256)
+    reference = F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    with torch.no_grad():
+        fused = linear_gelu(x, weight, bias)
+    assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-5)
+    mlp = MLP(64, 4.0)
+    with torch.no_grad():
+        inference = mlp(x)
+    training = mlp(x)
+    assert training.requires_grad
+    assert torch.allclose(inference, training.detach(), rtol=1e-5, atol=1e-5)
