@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -150,12 +151,17 @@ def pipeline(paths: dict[str, str], texts: list[str], dtype: str, device: str, a
     from lidit.platform.cluster import init_ray
 
     cpus = os.cpu_count() or 2
-    per_encoder_cpus = max(cpus / len(paths), 1.0) if device == "cpu" else 1.0
-    gpus = 1.0 / len(paths) if device == "cuda" else 0.0
+    if device == "cpu":
+        # one single-threaded actor per core for every encoder: the encoders' stages then share the cores
+        # by time slices whatever their relative cost (one actor of N threads per encoder leaves the
+        # cheaper encoder's cores idle while it waits for the costlier one's windows)
+        actors, per_actor_cpus, gpus = cpus, 1.0 / len(paths), 0.0
+    else:
+        actors, per_actor_cpus, gpus = 1, 1.0, 1.0 / len(paths)
     # the small stages (read, codec, write) get a quarter CPU each on top of the encoders' share
-    init_ray(num_cpus=int(per_encoder_cpus * len(paths)) + 1)
-    specs = [EncoderSpec(name=name, path=path, dtype=dtype, batch_size=args.batch_size, num_cpus=per_encoder_cpus,
-                         num_gpus=gpus) for name, path in paths.items()]
+    init_ray(num_cpus=math.ceil(per_actor_cpus * actors * len(paths)) + 1)
+    specs = [EncoderSpec(name=name, path=path, dtype=dtype, batch_size=args.batch_size, num_cpus=per_actor_cpus,
+                         actors=actors, num_gpus=gpus) for name, path in paths.items()]
     inputs = write_caption_shards(os.path.join(workdir, "shards"), texts, shard_size=args.window)
     store = "bfloat16" if dtype == "bfloat16" else "float16"
     result = run_precompute(inputs, os.path.join(workdir, f"out-{time.time_ns()}"), specs, image_size=8,
