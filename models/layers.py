@@ -141,9 +141,10 @@ def attention_mask(mask: torch.Tensor | None, causal: bool = False) -> torch.Ten
     return mask
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.gelu(linear(x, weight, bias), approximate="tanh")`; without autograd on CPU float32 the GELU
-    is fused into oneDNN's GEMM as a post-op.
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                approximate: str = "tanh") -> torch.Tensor:
+    """`F.gelu(linear(x, weight, bias), approximate=approximate)`; without autograd on CPU float32 the
+    GELU is fused into oneDNN's GEMM as a post-op.
 
     PyTorch's CPU tanh (so the tanh GELU) is not vectorised in this build: 3.9 ms for a [8192, 256]
     GELU against 1.1 ms for the GEMM before it, single thread; fused, both take 1.6 ms, and the tiny
@@ -152,19 +153,20 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     than it saved here."""
     if use_onednn_linear(x, weight) and not (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "tanh")
-    return F.gelu(linear(x, weight, bias), approximate="tanh")
+        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], approximate)
+    return F.gelu(linear(x, weight, bias), approximate=approximate)
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, mlp_ratio: float, approximate: str = "tanh") -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
+        self.approximate = approximate  # F.gelu's: "tanh" or "none" (erf); LiDiT sets it from its config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate))
 
 
 class TimestepEmbedder(nn.Module):

@@ -100,6 +100,9 @@ class LiDiT(nn.Module):
             [LiDiTBlock(cfg.width, cfg.heads, cfg.text_dim, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth)]
         )
         self.final_layer = FinalLayer(cfg.width, cfg.patch_size, cfg.in_channels)
+        for module in self.modules():  # refiners' and blocks' MLPs alike
+            if isinstance(module, MLP):
+                module.approximate = cfg.gelu
         init_weights(self)
         nn.init.xavier_uniform_(self.x_embedder.weight.view(cfg.width, -1))
         nn.init.zeros_(self.x_embedder.bias)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 POOLED_TEXT = ("refined", "none")
+GELU_APPROXIMATIONS = ("tanh", "none")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class LiDiTConfig:
     pooled_text: str = "refined"
     qk_norm: bool = True
     text_dropout: float = 0.1
+    # the MLPs' GELU, as F.gelu's `approximate`: "tanh" (DiT's choice, and what configs saved before this
+    # field existed used) or "none" (exact erf), which every preset takes: on CPU in bfloat16 PyTorch's tanh
+    # GELU is ~6x slower than its erf GELU (not vectorised), as slow as the GEMM before it (docs/models.md)
+    gelu: str = "tanh"
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "patch_size", "width", "depth", "heads", "text_dim", "text_heads"):
@@ -44,6 +49,8 @@ class LiDiTConfig:
             raise ValueError(f"LiDiTConfig.encoder_dims: need at least one positive width, got {self.encoder_dims}")
         if self.pooled_text not in POOLED_TEXT:
             raise ValueError(f"LiDiTConfig.pooled_text: {self.pooled_text!r} is not one of {POOLED_TEXT}")
+        if self.gelu not in GELU_APPROXIMATIONS:
+            raise ValueError(f"LiDiTConfig.gelu: {self.gelu!r} is not one of {GELU_APPROXIMATIONS}")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"LiDiTConfig.text_dropout: must be in [0, 1), got {self.text_dropout}")
         self.encoder_dims = [int(d) for d in self.encoder_dims]
@@ -62,7 +69,8 @@ class LiDiTConfig:
 
 def _preset(width: int, depth: int, heads: int, **defaults) -> Callable[..., LiDiTConfig]:
     def make(**overrides) -> LiDiTConfig:
-        values = {"width": width, "depth": depth, "heads": heads, "text_dim": width, "text_heads": heads, **defaults}
+        values = {"width": width, "depth": depth, "heads": heads, "text_dim": width, "text_heads": heads, "gelu": "none",
+                  **defaults}
         return LiDiTConfig(**{**values, **overrides})
 
     return make

@@ -93,18 +93,35 @@ def test_collaborative_refiner_computes_only_caption_queries_exactly(padded):
 
 
 @needs_onednn
-def test_fused_linear_gelu_equals_the_unfused_mlp():
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_fused_linear_gelu_equals_the_unfused_mlp(approximate):
     """Without autograd the MLP's GELU is a oneDNN GEMM post-op; with it, the separate GELU: both give
-    `F.gelu(F.linear(...), approximate="tanh")`, and the MLP gives one output in either mode."""
+    `F.gelu(F.linear(...), approximate=...)` (tanh or exact erf), and the MLP gives one output in either mode."""
     torch.manual_seed(0)
     x, weight, bias = torch.randn(4, 300, 64) * 3, torch.randn(256, 64), torch.randn(256)
-    reference = F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    reference = F.gelu(F.linear(x, weight, bias), approximate=approximate)
     with torch.no_grad():
-        fused = linear_gelu(x, weight, bias)
+        fused = linear_gelu(x, weight, bias, approximate)
     assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-5)
-    mlp = MLP(64, 4.0)
+    other = F.gelu(F.linear(x, weight, bias), approximate="none" if approximate == "tanh" else "tanh")
+    assert not torch.allclose(fused, other, rtol=1e-5, atol=1e-5)  # the post-op follows `approximate`
+    mlp = MLP(64, 4.0, approximate)
     with torch.no_grad():
         inference = mlp(x)
     training = mlp(x)
     assert training.requires_grad
     assert torch.allclose(inference, training.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_lidit_config_sets_every_mlp_gelu():
+    """Presets take the exact GELU; a config without the field (saved before it existed) keeps tanh."""
+    from lidit.models import LiDiT, lidit_config
+    from lidit.models.presets import LiDiTConfig
+
+    config = lidit_config("tiny")
+    assert config.gelu == "none"
+    assert {m.approximate for m in LiDiT(config).modules() if isinstance(m, MLP)} == {"none"}
+    old = {k: v for k, v in config.to_dict().items() if k != "gelu"}
+    assert {m.approximate for m in LiDiT(LiDiTConfig.from_dict(old)).modules() if isinstance(m, MLP)} == {"tanh"}
+    with pytest.raises(ValueError, match="LiDiTConfig.gelu"):
+        lidit_config("tiny", gelu="relu")
