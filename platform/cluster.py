@@ -40,6 +40,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         # task (shard reads, Parquet writes) started a fresh worker and paid its imports again (~5 s of
         # CPU for torch + transformers + Ray Data here): precompute on 2 cores went 34 -> 40 captions/s.
         cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
-        kwargs.setdefault("_system_config", {"num_workers_soft_limit": max(int(cpus), 1) + 8})
+        # (+16: the precompute stages plus Ray Data's own actors, with room; measured with this value)
+        kwargs.setdefault("_system_config", {"num_workers_soft_limit": max(int(cpus), 1) + 16})
     log.info("starting Ray (address=%s)", address)
     ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})
