@@ -31,6 +31,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lidit.jobs.evaluate import BenchmarkSpec, ProbeSpec
+from lidit.jobs.train import ScheduleKind
 from lidit.platform.config import EncoderSpec, RaySpec, Spec, StorageSpec, TrackingSpec, load_spec
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class BudgetSpec(Spec):
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(30, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1)
-    schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+    schedule: ScheduleKind = Field(
         "cosine", description="DDPM noise schedule; cosine: 32 px pixel-space images learn their captions reliably")
     workers: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)

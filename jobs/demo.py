@@ -19,10 +19,11 @@ import json
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from pydantic import Field
 
+from lidit.jobs.train import ScheduleKind
 from lidit.platform.config import RaySpec, Spec, StorageSpec, TrackingSpec, load_spec
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -42,7 +43,7 @@ class DemoTrainSpec(Spec):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(16, gt=0, description="per worker")
     lr: float = Field(1e-3, gt=0)
-    schedule: Literal["linear", "scaled_linear", "cosine"] = Field(
+    schedule: ScheduleKind = Field(
         "cosine", description="DDPM noise schedule; cosine: 32 px pixel-space images learn their captions reliably")
     workers: int = Field(2, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs free for the Ray Data reader on 2 cores")

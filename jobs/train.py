@@ -75,9 +75,12 @@ class DataSpec(Spec):
     local_shuffle_buffer: int = Field(0, ge=0, description="rows in the per-worker shuffle buffer; 0 = off")
 
 
+ScheduleKind = Literal["linear", "scaled_linear", "cosine"]  # DDPM noise schedules (lidit.models.DiffusionSchedule)
+
+
 class DiffusionSpec(Spec):
     num_steps: int = Field(1000, ge=2)
-    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    kind: ScheduleKind = "linear"
 
 
 class LoopSpec(Spec):
