@@ -64,6 +64,21 @@ def test_bad_spec_fails_in_the_cli_with_the_field_named(tmp_path, capsys):
     assert "optim.lrr: unknown field" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reader", ["v1", "v2"])
+def test_a_data_pass_holds_every_row_once_per_epoch_with_either_parquet_reader(ray_local, tiny_llms, tiny_embeddings,
+                                                                              tmp_path, reader, monkeypatch):
+    from lidit.jobs.train import build_dataset
+    from lidit.pipelines.shards import open_embeddings
+
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # V2's default starts 32 processes per read
+    spec = make_spec(tiny_llms, tiny_embeddings, str(tmp_path / "out"), str(tmp_path), data={"parquet_reader": reader})
+    dataset = open_embeddings(tiny_embeddings)
+    keys = [row["key"] for row in build_dataset(spec, dataset, first_epoch=1, epochs=2).select_columns(["key"]).take_all()]
+    expected = [k for t in dataset.iter_tables(columns=["key"]) for k in t.column("key").to_pylist()]
+    assert len(expected) == 64 and sorted(keys) == sorted(expected * 2)
+    assert ray_local.data.DataContext.get_current().use_datasource_v2, "the process-wide default is left as it was"
+
+
 @pytest.mark.slow
 def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3_server, tiny_llms, tiny_embeddings,
                                                     tmp_path):
