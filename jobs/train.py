@@ -373,7 +373,7 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
         ),
         datasets={"train": build_dataset(spec, dataset, plan["first_epoch"], plan["epochs"])},
     )
-    result = trainer.fit()
+    result = _fit_keeping_sigint(trainer)
     metrics = dict(result.metrics or {})
     checkpoint_uri = latest_checkpoint_uri(spec)
     if checkpoint_uri is None:
@@ -382,6 +382,22 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
         state = json.loads(storage.read_text(storage.join(checkpoint_uri, "train_state.json"), spec.storage))
         metrics["step"] = state["step"]
     return TrainResult(checkpoint_uri, run_id, int(metrics["step"]), metrics)
+
+
+def _fit_keeping_sigint(trainer):
+    """`trainer.fit()`, then the SIGINT handler that was there before. Ray Train (2.60) installs its own
+    handler (Ctrl-C aborts the run) and never restores it, so in a process that goes on after training,
+    e.g. `lidit demo` serving until Ctrl-C, Ctrl-C kept asking a finished run's controller to abort."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # Ray Train installs no handler off the main thread
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 SPEC = TrainSpec  # the spec class `lidit submit` validates against

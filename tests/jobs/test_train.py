@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
                      tracking={"tracking_uri": mlflow_server, "experiment": "train-test"},
                      storage={"key": s3_server.key, "secret": s3_server.secret, "endpoint_url": s3_server.endpoint_url},
                      chaos={"at_step": 6, "rank": 1})
+    handler = signal.getsignal(signal.SIGINT)
     result = train(spec)
+    assert signal.getsignal(signal.SIGINT) is handler, "Ctrl-C after training does what it did before"
 
     assert result.final_step == 12
     assert result.checkpoint_uri.startswith("s3://") and result.checkpoint_uri.endswith("checkpoint_00000012")
