@@ -74,10 +74,11 @@ def test_a_data_pass_holds_every_row_once_per_epoch_with_either_parquet_reader(r
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # V2's default starts 32 processes per read
     spec = make_spec(tiny_llms, tiny_embeddings, str(tmp_path / "out"), str(tmp_path), data={"parquet_reader": reader})
     dataset = open_embeddings(tiny_embeddings)
+    default = ray_local.data.DataContext.get_current().use_datasource_v2
     keys = [row["key"] for row in build_dataset(spec, dataset, first_epoch=1, epochs=2).select_columns(["key"]).take_all()]
     expected = [k for t in dataset.iter_tables(columns=["key"]) for k in t.column("key").to_pylist()]
     assert len(expected) == 64 and sorted(keys) == sorted(expected * 2)
-    assert ray_local.data.DataContext.get_current().use_datasource_v2, "the process-wide default is left as it was"
+    assert ray_local.data.DataContext.get_current().use_datasource_v2 == default, "the process-wide setting is put back"
 
 
 @pytest.mark.slow
