@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", help="LI-DiT preset of the random-init checkpoint")
     parser.add_argument("--checkpoint", default=None, help="serve this checkpoint folder instead")
     parser.add_argument("--max-batch-size", type=int, default=16, help="denoiser images / encoder prompts per batch")
+    parser.add_argument("--denoiser-cpus", type=int, default=1,
+                        help="CPUs the denoiser replica reserves = its torch threads, in both apps (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     parser.add_argument("--workdir", default=None, help="where the random checkpoint and tiny LLMs go")
 
@@ -119,13 +122,20 @@ def _client_process(url: str, clients: int, args: argparse.Namespace) -> dict:
 
 def _spec(checkpoint: str, name: str, port: int, batch: int, args: argparse.Namespace):
     from lidit.jobs.serve import ServeSpec
+    from lidit.jobs.serve_app import INGRESS_CONCURRENT_BATCHES
     from lidit.platform.config import load_spec
 
     overrides = [f"local={checkpoint}", f"app_name={name}", f"route_prefix=/{name}", f"port={port}",
                  "poll_interval_s=0", "auth_token_env=null", f"limits.max_size={max(args.size, 64)}",
                  f"limits.max_steps={max(args.steps, 50)}", "limits.max_n=1"]
-    for part in ("encoder", "denoiser", "ingress"):
-        overrides += [f"{part}.num_cpus=0", f"{part}.max_ongoing_requests={max(2 * batch, 32)}"]
+    for part in ("encoder", "denoiser"):
+        overrides += [f"{part}.max_ongoing_requests={max(2 * batch, 32)}"]
+    overrides += [f"ingress.max_ongoing_requests={max(INGRESS_CONCURRENT_BATCHES * batch, 32)}"]
+    # only one app is under load at a time, so each denoiser may reserve the threads it would have alone:
+    # Ray gets enough logical CPUs for both (the encoders and the ingress reserve none, one thread each)
+    cpus = max(os.cpu_count() or 1, 2 * args.denoiser_cpus)
+    overrides += ["encoder.num_cpus=0", "ingress.num_cpus=0", f"denoiser.num_cpus={args.denoiser_cpus}",
+                  f"ray.num_cpus={cpus}"]
     overrides += [f"{part}.max_batch_size={batch}" for part in ("encoder", "denoiser", "ingress")]
     return load_spec(ServeSpec, None, overrides)
 
