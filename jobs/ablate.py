@@ -192,7 +192,8 @@ def train_variant(spec: AblateSpec, variant: Variant, seed: int, dataset: str, r
     name = f"{spec.name}-{_short_hash([b.model_dump(), spec.data.model_dump()])}-{variant.id}-seed{seed}"
     train_spec = TrainSpec(
         name=name, output=str(root / "runs"), workdir=str(root), encoders=variant.encoders,
-        data=DataSpec(embeddings=dataset, batch_size=b.batch_size),
+        # rows in read order: variants of one seed see the same batches, so they differ only in the model
+        data=DataSpec(embeddings=dataset, batch_size=b.batch_size, preserve_order=True),
         model=ModelSpec(preset=b.preset, overrides={**b.overrides, "use_refiner": use_refiner,
                                                     "use_collaborative": use_collaborative}),
         optim=OptimSpec(lr=b.lr, warmup_steps=b.warmup_steps, ema_decay=b.ema_decay),

@@ -1,6 +1,7 @@
 """`lidit train`: real Ray Train (2 CPU workers, gloo), tiny preset on tiny shards, MLflow server, S3 storage.
 
-A worker is killed mid-run (SIGKILL, once) and the job finishes from its last checkpoint; a rerun with more
+A worker is killed mid-run (SIGKILL, once) and the job finishes from its last checkpoint, bit-identical to an
+uninterrupted run (`data.preserve_order`); a rerun with more
 steps continues the same MLflow run; a mismatched encoder spec is refused before any work starts.
 """
 
@@ -13,10 +14,11 @@ import signal
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from lidit.jobs.bench_train import make_tiny_embeddings
 from lidit.jobs.train import TrainSpec, latest_checkpoint, train
-from lidit.platform import tracking
+from lidit.platform import storage, tracking
 from lidit.platform.config import SpecError
 
 
@@ -90,10 +92,20 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     spec = make_spec(tiny_llms, tiny_embeddings, output, str(tmp_path),
                      tracking={"tracking_uri": mlflow_server, "experiment": "train-test"},
                      storage={"key": s3_server.key, "secret": s3_server.secret, "endpoint_url": s3_server.endpoint_url},
-                     chaos={"at_step": 6, "rank": 1})
+                     chaos={"at_step": 6, "rank": 1}, data={"preserve_order": True})
     handler = signal.getsignal(signal.SIGINT)
     result = train(spec)
     assert signal.getsignal(signal.SIGINT) is handler, "Ctrl-C after training does what it did before"
+
+    # exactly once: with the rows in read order, the run killed at step 6 and resumed from its step-4
+    # checkpoint ends where one uninterrupted run of the same spec ends, to the bit (weights, EMA, optimizer)
+    plain = make_spec(tiny_llms, tiny_embeddings, str(tmp_path / "plain"), str(tmp_path / "plain-work"),
+                      data={"preserve_order": True}, samples={"every_steps": 0})
+    uninterrupted = train(plain).checkpoint_uri
+    killed = storage.download_dir(result.checkpoint_uri, str(tmp_path / "killed"), spec.storage)
+    for name in ("model", "ema", "optimizer"):
+        ours, theirs = (load_file(os.path.join(folder, f"{name}.safetensors")) for folder in (killed, uninterrupted))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
     assert result.final_step == 12
     assert result.checkpoint_uri.startswith("s3://") and result.checkpoint_uri.endswith("checkpoint_00000012")
