@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 import time
@@ -197,6 +198,31 @@ def test_concurrent_requests_share_a_denoiser_batch(apps):
         thread.join()
     assert [r.status_code for r in results] == [200] * 6
     assert max(int(r.headers["X-Lidit-Batch-Images"]) for r in results) > 1
+
+
+def test_bench_serve_client_process_and_report_against_a_running_app(apps, capsys):
+    """`lidit bench serve`'s load generator (a separate process, closed loop) and its report, against the
+    local app; the bench's own two-app deployment is `serve_many` as in this module's fixture (a whole bench
+    run, deploys included, is a minute here: the figures are in docs/serving.md, not a timed test)."""
+    import argparse
+
+    from lidit.jobs import bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(["--clients", "3", "--requests", "6", "--steps", "2", "--size", "16", "--json"])
+    row = bench_serve._client_process(f"{apps['local'].url}/v1/images", 3, args)
+    assert (row["clients"], row["requests"], row["errors"]) == (3, 6, 0)
+    assert row["requests_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"] and 1 <= row["batch_mean"] <= row["batch_max"]
+
+    unbatched = bench_serve._spec(apps["newest"], "unbatched", 8000, 1, args)
+    assert {unbatched.encoder.max_batch_size, unbatched.denoiser.max_batch_size, unbatched.ingress.max_batch_size} == {1}
+    bench_serve._report([{"mode": "batched", **row}, {"mode": "unbatched", **row, "requests_per_s": row["requests_per_s"] / 2}],
+                        args, [3])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "batched / unbatched requests/s at 3 clients: 2.00x" in lines
+    assert json.loads(lines[-1])["speedup_at_max_clients"] == pytest.approx(2.0)
 
 
 def test_alias_switch_is_picked_up_without_a_failed_request(apps):
