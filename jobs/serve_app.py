@@ -44,7 +44,7 @@ log = logging.getLogger("lidit.serve")
 PLAYGROUND = Path(platform_config.__file__).parent / "static" / "playground.html"  # package data of lidit.platform
 KEEP_VERSIONS = 2  # the serving version and the one before it (requests in flight)
 INGRESS_CONCURRENT_BATCHES = 4  # batches past the ingress at once: while one is denoised, the next ones encode and
-# queue at the denoiser, where they merge (2 measured 18.3 vs 21.4 req/s at 16 clients, docs/serving.md)
+# queue at the denoiser, where they merge (2: 17.3 vs 21.4 req/s at 16 clients, means of each run, docs/serving.md)
 
 
 def _device(name: str) -> torch.device:

@@ -1,8 +1,8 @@
 """`lidit train`: real Ray Train (2 CPU workers, gloo), tiny preset on tiny shards, MLflow server, S3 storage.
 
 A worker is killed mid-run (SIGKILL, once) and the job finishes from its last checkpoint, bit-identical to an
-uninterrupted run (`data.preserve_order`); a rerun with more
-steps continues the same MLflow run; a mismatched encoder spec is refused before any work starts.
+uninterrupted run (`data.preserve_order`); a rerun with more steps continues the same MLflow run; a mismatched
+encoder spec is refused before any work starts.
 """
 
 from __future__ import annotations
