@@ -1,93 +1,86 @@
-"""The `lidit` command line: one entry point, one sub-command per job.
+"""The `lidit` command line: one entry point, one sub-command per job (the table is `lidit.jobs.commands`).
 
-Each command lives in a module `lidit.jobs.<module>` exposing `add_arguments(parser)` and
-`run(args) -> int`. Modules are imported only for the command being run, so `lidit --help` is fast
-and a command's heavy imports (torch, ray, mlflow) never slow down the others.
+Global options (`--log-level`) parse before or after the command. Errors the user can fix end in one
+line on stderr: exit code 2 for a bad spec or flag, 1 for a failure (`LiditError`), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
 import os
 import sys
 
+from lidit.jobs import commands
 from lidit.platform.config import LiditError, SpecError
 
-# command -> (module under lidit.jobs, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "run the whole life of a model on embedded defaults (data, precompute, train, evaluate, promote, serve)"),
-    "precompute": ("precompute", "Ray Data: WebDataset shards -> multi-LLM hidden states + image latents as Parquet"),
-    "train": ("train", "Ray Train: train LI-DiT on precomputed Parquet shards, tracked in MLflow"),
-    "evaluate": ("evaluate", "prompt-following benchmark and positional-bias probe for a checkpoint or model version"),
-    "promote": ("promote", "register a checkpoint, evaluate it and move the champion alias when the gate passes"),
-    "ablate": ("ablate", "train and evaluate the paper's encoder variants on the same data and budget"),
-    "serve": ("serve", "Ray Serve text-to-image endpoint for a registered model alias"),
-    "submit": ("submit", "submit a job spec to a Ray cluster through the Ray Jobs API"),
-    "jobs": ("jobs_cmd", "list, inspect, follow and stop jobs on a Ray cluster"),
-    "bench": ("bench", "benchmarks: model, precompute, train, serve"),
-    "models": ("models_cmd", "build tiny offline LLMs, import GGUF LLMs"),
-    "data": ("data_cmd", "make synthetic data sets"),
-}
+
+def _global_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--log-level", default=os.environ.get("LIDIT_LOG_LEVEL", "INFO"),
+                        help="logging level: DEBUG, INFO, WARNING, ERROR (default: $LIDIT_LOG_LEVEL or INFO)")
+    return parser
 
 
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lidit",
+        prog="lidit", parents=[_global_options()],
         description="LI-DiT platform: LLM-prompted diffusion transformers on Ray and MLflow.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'lidit COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("LIDIT_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text) in commands.COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, commands.Command]:
     """The full parser for one command (imports only that command's module)."""
-    module_name, help_text = COMMANDS[command]
-    module = importlib.import_module(f"lidit.jobs.{module_name}")
-    parser = argparse.ArgumentParser(prog=f"lidit {command}", description=help_text)
-    parser.add_argument("--log-level", default=os.environ.get("LIDIT_LOG_LEVEL", "INFO"))
-    module.add_arguments(parser)
-    parser.set_defaults(_run=module.run)
-    return parser
+    command = commands.load(name)
+    parser = argparse.ArgumentParser(prog=f"lidit {name}", description=commands.COMMANDS[name][1],
+                                     parents=[_global_options()])
+    if command.spec is not None:
+        commands.add_job_arguments(parser, command)
+    elif command.add_arguments is not None:
+        command.add_arguments(parser)
+    return parser, command
 
 
-def add_spec_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The spec file and `--set` overrides every spec-driven job takes."""
-    parser.add_argument("spec", nargs=None if required else "?", help="YAML job spec")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. --set model.preset=tiny (repeatable)")
+def _run(name: str, command: commands.Command, args: argparse.Namespace) -> int:
+    if command.spec is None:
+        return int(command.run(args) or 0)
+    spec = commands.job_spec(command, args)
+    result = command.run(spec, args)
+    if args.json and result is not None:
+        print(json.dumps(result, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = _top_parser()
-    # find the command: the first argument that is not a top-level option
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if command is None or command not in COMMANDS:
-        if command is not None:
-            top.error(f"unknown command '{command}' (choose from {', '.join(COMMANDS)})")
+    known, rest = _global_options().parse_known_args(argv)
+    name = next((a for a in rest if not a.startswith("-")), None)
+    if name is None or name not in commands.COMMANDS:
+        top = _top_parser()
+        if name is not None:
+            top.error(f"unknown command '{name}' (choose from {', '.join(commands.COMMANDS)})")
         top.print_help()
-        return 0 if ("-h" in argv or "--help" in argv) else 2
-    index = argv.index(command)
-    parser = build_parser(command)
-    args = parser.parse_args(argv[:index] + argv[index + 1:])
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return 0 if ("-h" in rest or "--help" in rest) else 2
+    rest.remove(name)
+    parser, command = build_parser(name)
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=known.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args._run(args) or 0)
+        return _run(name, command, args)
     except SpecError as err:
-        print(f"lidit {command}: bad spec: {err}", file=sys.stderr)
+        print(f"lidit {name}: bad spec: {err}", file=sys.stderr)
         return 2
     except LiditError as err:
-        print(f"lidit {command}: {err}", file=sys.stderr)
+        print(f"lidit {name}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lidit {command}: interrupted", file=sys.stderr)
+        print(f"lidit {name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,6 +1,13 @@
 """lidit.models: LI-DiT in pure PyTorch + transformers (arXiv 2406.11831)."""
 
-from lidit.models.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from lidit.models.checkpoint import (
+    CheckpointInfo,
+    EncoderEntry,
+    load_checkpoint,
+    load_training_state,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from lidit.models.codecs import IdentityCodec, ImageCodec, VAECodec, codec_from_config
 from lidit.models.diffusion import DiffusionSchedule, diffusion_loss, sample
 from lidit.models.encoders import (
@@ -19,9 +26,11 @@ __all__ = [
     "PAPER_INSTRUCTION",
     "PRESETS",
     "CaptionFeatures",
+    "CheckpointInfo",
     "CollaborativeRefiner",
     "DiffusionSchedule",
     "EncoderConfig",
+    "EncoderEntry",
     "IdentityCodec",
     "ImageCodec",
     "LLMPromptEncoder",
@@ -37,6 +46,7 @@ __all__ = [
     "lidit_config",
     "load_checkpoint",
     "load_training_state",
+    "read_checkpoint_info",
     "sample",
     "save_checkpoint",
 ]

@@ -7,11 +7,15 @@ uses the posterior mean, so latents are deterministic and can be precomputed onc
 
 from __future__ import annotations
 
-from typing import Protocol
+import json
+import os
+from typing import Literal, Protocol, get_args
 
 import torch
 
 from lidit.models.encoders import DTYPES, folder_revision
+
+CodecKind = Literal["identity", "vae"]
 
 
 class ImageCodec(Protocol):
@@ -84,6 +88,25 @@ class VAECodec:
         return {"kind": "vae", "path": self.path, "revision": self.revision, "dtype": self.dtype}
 
 
+def codec_geometry(config: dict) -> tuple[int, int]:
+    """(latent channels, downsampling factor) of a codec config, without loading any weights: as the config
+    states them (latents made without a decoder, e.g. a benchmark's random ones), else by kind (a VAE's come
+    from its folder's config.json, as `AutoencoderKL` reads them)."""
+    if "channels" in config and "downsample" in config:
+        return int(config["channels"]), int(config["downsample"])
+    kind = config.get("kind")
+    if kind == "identity":
+        return IdentityCodec.channels, IdentityCodec.downsample
+    if kind == "vae":
+        path = os.path.join(config.get("path") or "", "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"codec.path: no config.json in {config.get('path')!r}")
+        with open(path) as f:
+            vae = json.load(f)
+        return int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
+    raise ValueError(f"codec.kind: {kind!r} is not one of {list(get_args(CodecKind))}")
+
+
 def codec_from_config(config: dict, device: str | torch.device = "cpu") -> ImageCodec:
     """Rebuild a codec from `codec.config()` (a checkpoint's `codec` entry)."""
     kind = config.get("kind")
@@ -97,4 +120,4 @@ def codec_from_config(config: dict, device: str | torch.device = "cpu") -> Image
         if expected is not None and expected != codec.revision:
             raise ValueError(f"codec.revision: folder {config['path']!r} has {codec.revision}, expected {expected}")
         return codec
-    raise ValueError(f"codec.kind: {kind!r} is not one of ['identity', 'vae']")
+    raise ValueError(f"codec.kind: {kind!r} is not one of {list(get_args(CodecKind))}")

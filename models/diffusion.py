@@ -8,20 +8,22 @@ trailing timesteps, guidance 4.0, text dropout from the model config (0.1).
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from lidit.models.encoders import PromptFeatures
 
-SCHEDULES = ("linear", "scaled_linear", "cosine")
+ScheduleKind = Literal["linear", "scaled_linear", "cosine"]
+SCHEDULES = get_args(ScheduleKind)
 
 
 class DiffusionSchedule:
     """DDPM betas and cumulative alphas (float64 for the arithmetic, float32 when applied)."""
 
     def __init__(
-        self, num_steps: int = 1000, kind: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02
+        self, num_steps: int = 1000, kind: ScheduleKind = "linear", beta_start: float = 1e-4, beta_end: float = 0.02
     ) -> None:
         if kind not in SCHEDULES:
             raise ValueError(f"schedule.kind: {kind!r} is not one of {SCHEDULES}")

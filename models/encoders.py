@@ -18,7 +18,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ PAPER_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, "
     "and spatial relationships of the objects:"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = dict(zip(get_args(DtypeName), (torch.float32, torch.bfloat16, torch.float16)))
 # Bump when a code change alters the features an unchanged EncoderConfig produces.
 FEATURE_FORMAT = 1
 _HASHED_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt", ".tiktoken")
@@ -72,7 +73,7 @@ class EncoderConfig:
     system_prompt: str | None = None  # OPEN in the paper: none by default
     layer: int = -3
     max_tokens: int = 128
-    dtype: str = "float32"
+    dtype: DtypeName = "float32"
     cut_instruction: bool = False
 
     def __post_init__(self) -> None:
@@ -84,16 +85,21 @@ class EncoderConfig:
     def resolved_revision(self) -> str:
         return self.revision if self.revision is not None else folder_revision(self.path)
 
+    def features(self) -> "EncoderConfig":
+        """This config as a plain `EncoderConfig`: subclasses (a pipeline's `EncoderSpec`) add settings that
+        do not change the features."""
+        return EncoderConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderConfig)})
+
     def fingerprint(self) -> str:
         """Stable short hex over everything that changes the features (not the path string)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "path"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderConfig) if f.name != "path"}
         fields["revision"] = self.resolved_revision()
         fields["format"] = FEATURE_FORMAT
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         """Plain dict with the revision resolved and the fingerprint added (for YAML/manifests)."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(self.features())
         out["revision"] = self.resolved_revision()
         out["fingerprint"] = self.fingerprint()
         return out

@@ -8,6 +8,7 @@ Sample i starts from noise seeded by seeds[i] alone, so the same seed and parame
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -15,48 +16,8 @@ import torch
 from lidit.models.checkpoint import load_checkpoint
 from lidit.models.codecs import IdentityCodec, ImageCodec, codec_from_config
 from lidit.models.diffusion import DiffusionSchedule, sample
-from lidit.models.encoders import DTYPES, EncoderConfig, LLMPromptEncoder, PromptFeatures, folder_revision
+from lidit.models.encoders import DTYPES, LLMPromptEncoder, PromptFeatures, folder_revision
 from lidit.models.lidit import LiDiT
-
-
-def encoder_entries(config: dict) -> list[tuple[str, EncoderConfig, str | None]]:
-    """(name, EncoderConfig, stored feature dtype or None) per LLM from a checkpoint's `encoders` entry.
-
-    Accepts a list of dicts with a `name` (flat EncoderConfig fields plus `stored_dtype`, as training
-    writes them, or a nested `config` as the shard manifest does, whose top-level `dtype` is then the
-    stored dtype) or a mapping name -> fields."""
-    entries = config.get("encoders")
-    if isinstance(entries, dict):
-        entries = [{"name": name, **fields} for name, fields in entries.items()]
-    if not entries:
-        raise ValueError("config.encoders: the checkpoint lists no encoders")
-    out = []
-    for index, entry in enumerate(entries):
-        entry = dict(entry)
-        name = str(entry.pop("name", f"encoder{index}"))
-        stored = entry.get("stored_dtype")
-        if isinstance(entry.get("config"), dict):
-            stored = entry.get("dtype")
-            fingerprint = entry.get("fingerprint")
-            entry = {**entry["config"], **({"fingerprint": fingerprint} if fingerprint else {})}
-        fields = {k: v for k, v in entry.items() if k in EncoderConfig.__dataclass_fields__ or k == "fingerprint"}
-        try:
-            out.append((name, EncoderConfig.from_dict(fields), stored))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"config.encoders.{index} ({name}): {err}") from None
-    return out
-
-
-def _image_size(config: dict, codec: ImageCodec) -> tuple[int, int] | None:
-    """Pixel size from `image_size` (int or [H, W]), else from the latent `image_shape` [C, h, w]."""
-    size = config.get("image_size")
-    if size is None and config.get("image_shape"):
-        return tuple(int(n) * codec.downsample for n in config["image_shape"][-2:])
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size, size
-    return int(size[-2]), int(size[-1])
 
 
 class TextToImagePipeline:
@@ -87,26 +48,23 @@ class TextToImagePipeline:
     ) -> "TextToImagePipeline":
         """Load a checkpoint folder; each encoder comes from the path recorded in config.yaml, or from
         `encoder_paths[name]` (a local folder that must hold the same model files: same revision)."""
-        model, config = load_checkpoint(folder, use_ema=use_ema, device=device)
-        entries = encoder_entries(config)
-        unknown = sorted(set(encoder_paths or {}) - {name for name, _, _ in entries})
+        model, info = load_checkpoint(folder, use_ema=use_ema, device=device)
+        unknown = sorted(set(encoder_paths or {}) - {e.name for e in info.encoders})
         if unknown:
             raise ValueError(f"encoder_paths.{unknown[0]}: the checkpoint has no encoder of that name")
-        encoders, stored = {}, {}
-        for name, enc_config, stored_dtype in entries:
-            path = (encoder_paths or {}).get(name, enc_config.path)
+        encoders = {}
+        for entry in info.encoders:
+            path = (encoder_paths or {}).get(entry.name, entry.config.path)
             if not os.path.isdir(path):
-                raise ValueError(f"encoders.{name}.path: {path!r} is not a local folder (pass encoder_paths)")
-            recorded = enc_config.revision
+                raise ValueError(f"encoders.{entry.name}.path: {path!r} is not a local folder (pass encoder_paths)")
+            recorded = entry.config.revision
             if recorded is not None and folder_revision(path) != recorded:
-                raise ValueError(f"encoders.{name}: {path!r} does not hold the model the checkpoint was trained "
-                                 f"with (revision {folder_revision(path)} != {recorded})")
-            enc_config = EncoderConfig(**{**enc_config.__dict__, "path": path})
-            encoders[name] = LLMPromptEncoder(enc_config, device=device)
-            stored[name] = stored_dtype
-        schedule = DiffusionSchedule(**config["schedule"]) if config.get("schedule") else DiffusionSchedule()
-        codec = codec_from_config(config["codec"], device=device)
-        return cls(model, encoders, codec, schedule, _image_size(config, codec), stored)
+                raise ValueError(f"encoders.{entry.name}: {path!r} does not hold the model the checkpoint was "
+                                 f"trained with (revision {folder_revision(path)} != {recorded})")
+            encoders[entry.name] = LLMPromptEncoder(dataclasses.replace(entry.config, path=path), device=device)
+        codec = codec_from_config(info.codec, device=device)
+        return cls(model, encoders, codec, info.diffusion_schedule(), info.image_size,
+                   {e.name: e.stored_dtype for e in info.encoders})
 
     @property
     def encoder_names(self) -> list[str]:

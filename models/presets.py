@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 POOLED_TEXT = ("refined", "none")
 GELU_APPROXIMATIONS = ("tanh", "none")
@@ -76,6 +76,7 @@ def _preset(width: int, depth: int, heads: int, **defaults) -> Callable[..., LiD
     return make
 
 
+PresetName = Literal["tiny", "mini", "small", "1b", "10b"]
 PRESETS: dict[str, Callable[..., LiDiTConfig]] = {
     "tiny": _preset(64, 2, 4, in_channels=3, encoder_dims=[64, 96]),  # CPU tests (tiny LLM widths)
     # the CPU demo at 32 px pixels: 8x8 patches of 4 px keep a step cheap on 2 cores; narrower text width
@@ -84,6 +85,7 @@ PRESETS: dict[str, Callable[..., LiDiTConfig]] = {
     "1b": _preset(1152, 28, 16),
     "10b": _preset(2816, 48, 44),
 }
+assert tuple(PRESETS) == get_args(PresetName)  # one name set: the factories and the type agree
 
 
 def lidit_config(preset: str, **overrides) -> LiDiTConfig:

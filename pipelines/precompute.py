@@ -16,6 +16,7 @@ never mixes with these features.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,21 +33,12 @@ from lidit.models.encoders import EncoderConfig, LLMPromptEncoder
 from lidit.pipelines import shards
 from lidit.pipelines.webdataset_io import list_shards, read_shard
 from lidit.platform import storage as st
-from lidit.platform.config import EncoderSpec, LiditError, StorageSpec
+from lidit.pipelines.stages import CodecSpec, EncoderSpec
+from lidit.platform.config import LiditError, StorageSpec
 
 log = logging.getLogger(__name__)
 
 SHARD, SHARD_ROWS, SKIPPED, PIXELS, LATENTS = "_shard", "_shard_rows", "_skipped", "_pixels", "_latents"
-
-
-@dataclass(frozen=True)
-class StageResources:
-    """Execution settings of an actor stage (they never change the features)."""
-
-    actors: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -58,15 +50,14 @@ class EncoderPlan:
     fingerprint: str
 
     def config(self, local_path: str) -> EncoderConfig:
-        fields = self.spec.model_fields_for_fingerprint()
-        return EncoderConfig(**dict(fields, path=local_path, revision=self.revision))
+        return dataclasses.replace(self.spec.features(), path=local_path, revision=self.revision)
 
 
 def plan_encoder(spec: EncoderSpec, storage: StorageSpec | None = None) -> EncoderPlan:
     """Resolve the model's content hash (copying an s3:// model to the local cache) and fingerprint."""
     local = st.local_copy(spec.path, storage)
     try:
-        config = EncoderConfig(**dict(spec.model_fields_for_fingerprint(), path=local))
+        config = dataclasses.replace(spec.features(), path=local)
         return EncoderPlan(spec, config.resolved_revision(), config.fingerprint())
     except ValueError as err:
         raise LiditError(f"encoders.{spec.name}: {err}") from None
@@ -332,10 +323,9 @@ class PrecomputeResult:
         return dict(self.__dict__)
 
 
-def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec: dict | None = None,
-                   image_size: int = 32, store_dtype: str = "bfloat16", window: int = 1024,
-                   codec_resources: StageResources = StageResources(), read_num_cpus: float = 1.0,
-                   write_num_cpus: float = 1.0, storage: StorageSpec | None = None,
+def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec: CodecSpec = CodecSpec(),
+                   image_size: int = 32, store_dtype: shards.StoredDtype = "bfloat16", window: int = 1024,
+                   read_num_cpus: float = 1.0, write_num_cpus: float = 1.0, storage: StorageSpec | None = None,
                    commit_interval_s: float = 2.0) -> PrecomputeResult:
     """Precompute every input shard not yet committed under `<output>/<dataset fingerprint>/`.
 
@@ -343,14 +333,14 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
     `batch_size` is its micro-batch. Ray must be initialised by the caller (`lidit.platform.cluster`)."""
     import ray
 
-    codec = codec or {"kind": "identity"}
+    codec_config = codec.config()
     if store_dtype not in shards.STORED_DTYPES:
         raise LiditError(f"store_dtype: {store_dtype!r} is not one of {sorted(shards.STORED_DTYPES)}")
     shard_uris = list_shards(inputs, storage)
     if not shard_uris:
         raise LiditError(f"{inputs}: no input shards found")
     plans = [plan_encoder(spec, storage) for spec in encoders]
-    dataset_uri, manifest = prepare_dataset(output, plans, codec, image_size, store_dtype, storage)
+    dataset_uri, manifest = prepare_dataset(output, plans, codec_config, image_size, store_dtype, storage)
     removed = shards.remove_uncommitted(dataset_uri, manifest, storage)
     if removed:
         log.info("removed %d uncommitted file(s) left by an earlier run", removed)
@@ -358,7 +348,7 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
     names = [p.spec.name for p in plans]
     committer = Committer(dataset_uri, manifest, storage, commit_interval_s, names)
     started, started_wall, last_output = time.perf_counter(), time.time(), None
-    schema = shards.schema([shards.EncoderInfo(**e) for e in manifest.header["encoders"]], codec,
+    schema = shards.schema([shards.EncoderInfo(**e) for e in manifest.header["encoders"]], codec_config,
                            manifest.header["image_shape"])
     if pending:
         ds = ray.data.from_items([{"shard": uri} for uri in pending], override_num_blocks=len(pending))
@@ -368,10 +358,9 @@ def run_precompute(inputs: str, output: str, encoders: list[EncoderSpec], codec:
             ds = ds.map_batches(EncodeCaptions, fn_constructor_args=(plan, store_dtype, storage),
                                 compute=ray.data.ActorPoolStrategy(size=plan.spec.actors), batch_size=window,
                                 num_cpus=plan.spec.num_cpus, num_gpus=plan.spec.num_gpus, batch_format="pyarrow")
-        ds = ds.map_batches(EncodeImages, fn_constructor_args=(codec, image_size),
-                            compute=ray.data.ActorPoolStrategy(size=codec_resources.actors),
-                            batch_size=codec_resources.batch_size, num_cpus=codec_resources.num_cpus,
-                            num_gpus=codec_resources.num_gpus, batch_format="pyarrow")
+        ds = ds.map_batches(EncodeImages, fn_constructor_args=(codec_config, image_size),
+                            compute=ray.data.ActorPoolStrategy(size=codec.actors), batch_size=codec.batch_size,
+                            num_cpus=codec.num_cpus, num_gpus=codec.num_gpus, batch_format="pyarrow")
         ds = ds.map_batches(WriteShards(dataset_uri, schema, names, storage), batch_size=None,
                             batch_format="pyarrow", num_cpus=write_num_cpus)
         try:

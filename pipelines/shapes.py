@@ -20,6 +20,9 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
+
+from lidit.platform.config import Spec
 
 # Well-separated colours so a checker can name them even in a blurry generated image.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -171,13 +174,25 @@ def sample_record(index: int, scene: Scene, split: str, size: int) -> dict:
             "txt": scene.caption.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
 
 
-def write_shapes(out_uri: str, train: int = 2000, heldout: int = 200, size: int = 32, shard_size: int = 250,
-                 seed: int = 0, heldout_percent: int = 10, storage=None) -> dict:
+class ShapesSpec(Spec):
+    """A synthetic shapes data set: how many samples, their size, the shards, the held-out split."""
+
+    train: int = Field(2000, gt=0, description="training samples")
+    heldout: int = Field(200, gt=0, description="held-out samples (unseen attribute combinations)")
+    image_size: int = Field(32, ge=8, description="image side in pixels")
+    shard_size: int = Field(250, gt=0, description="samples per tar shard")
+    seed: int = 0
+    heldout_percent: int = Field(10, gt=0, lt=100, description="share of attribute combinations held out")
+
+
+def write_shapes(out_uri: str, spec: ShapesSpec = ShapesSpec(), storage=None) -> dict:
     """Write `train-NNNNNN.tar` and `heldout-NNNNNN.tar` WebDataset shards plus `dataset.json` under
     `out_uri` (local folder or s3:// prefix). Each shard is written whole, then moved into place."""
     import tarfile
 
     from lidit.platform import storage as st
+
+    seed, size, shard_size, heldout_percent = spec.seed, spec.image_size, spec.shard_size, spec.heldout_percent
 
     def write_split(split: str, count: int) -> list[str]:
         names, batch = [], []
@@ -204,7 +219,7 @@ def write_shapes(out_uri: str, train: int = 2000, heldout: int = 200, size: int 
 
     manifest = {"kind": "lidit-shapes", "version": 1, "seed": seed, "image_size": size,
                 "heldout_percent": heldout_percent, "shard_size": shard_size,
-                "splits": {"train": {"samples": train, "shards": write_split("train", train)},
-                           "heldout": {"samples": heldout, "shards": write_split("heldout", heldout)}}}
+                "splits": {"train": {"samples": spec.train, "shards": write_split("train", spec.train)},
+                           "heldout": {"samples": spec.heldout, "shards": write_split("heldout", spec.heldout)}}}
     st.write_text_atomic(st.join(out_uri, "dataset.json"), json.dumps(manifest, indent=2), storage)
     return manifest

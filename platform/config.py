@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-PAPER_INSTRUCTION = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, "
-    "and spatial relationships of the objects:"
-)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 S = TypeVar("S", bound="Spec")
 
@@ -45,31 +40,6 @@ class StorageSpec(Spec):
     key: str | None = Field(None, description="access key id; default $AWS_ACCESS_KEY_ID")
     secret: str | None = Field(None, description="secret key; default $AWS_SECRET_ACCESS_KEY", repr=False)
     anon: bool = False
-
-
-class EncoderSpec(Spec):
-    """One frozen LLM prompt encoder (paper Sec. 3): which model, which layer, which instruction."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_]+$", description="short column-safe name, e.g. 'llama'")
-    path: str = Field(..., description="Hugging Face model folder: local path or s3:// prefix")
-    revision: str | None = Field(None, description="content hash; computed from the files when unset")
-    instruction: str = PAPER_INSTRUCTION
-    use_chat_template: bool = True
-    system_prompt: str | None = None
-    layer: int = -3
-    max_tokens: int = Field(128, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    cut_instruction: bool = False
-    # execution settings: they do not change the features, so they are not part of the fingerprint
-    batch_size: int = Field(32, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    actors: int = Field(1, gt=0)
-
-    def model_fields_for_fingerprint(self) -> dict[str, Any]:
-        """The fields that change the features an encoder produces."""
-        return self.model_dump(include={"path", "revision", "instruction", "use_chat_template", "system_prompt",
-                                        "layer", "max_tokens", "dtype", "cut_instruction"})
 
 
 class ScalingSpec(Spec):
@@ -123,22 +93,66 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(loc: tuple) -> str:
+    """A pydantic error location as a dotted field path; union branches add type tags (`str`,
+    `list[...]`, a class name), which are left out (field names here are lower case)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS or p[:1].isupper()))]
+    return ".".join(parts)
+
+
 def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "<root>"
+    # the deepest error is the most specific one (a union reports one error per branch)
+    first = max(err.errors(), key=lambda e: len(e["loc"]))
+    field = _field_path(first["loc"])
     message = first["msg"]
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown field"
+    elif first["type"] == "value_error":  # our validators' messages, which may name the field themselves
+        message = str(first["ctx"]["error"])
     more = len(err.errors()) - 1
-    return f"{field}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    text = f"{field}: {message}" if field else message
+    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
 def parse_spec(cls: type[S], data: dict[str, Any], source: str = "spec") -> S:
-    """Validate a dict into `cls`, turning pydantic's report into a one-line `SpecError`."""
+    """Validate a dict into `cls` (a spec, or a pydantic dataclass such as an encoder spec), turning
+    pydantic's report into a one-line `SpecError`."""
     try:
-        return cls.model_validate(data)
+        return TypeAdapter(cls).validate_python(data)
     except ValidationError as err:
         raise SpecError(f"{source}: {_format_error(err)}") from None
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, mapping by mapping (a YAML section that changes a few fields of a larger spec)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def embedded_spec(cls: type[S], section: dict[str, Any], filled: dict[str, Any], where: str) -> S:
+    """A job spec embedded as a section of another job's spec (e.g. the demo's `train:` is a TrainSpec): the
+    section may set any field of `cls` except those the embedding job fills in itself (`filled`: paths it
+    chose, encoders it resolved). Errors name the field as `where.field`."""
+    taken = _paths(filled) & _paths(section)
+    if taken:
+        raise SpecError(f"{where}.{sorted(taken)[0]}: set by the job itself; leave it out")
+    try:
+        return TypeAdapter(cls).validate_python(merge(section, filled))
+    except ValidationError as err:
+        raise SpecError(f"{where}.{_format_error(err)}") from None
+
+
+def _paths(data: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of the leaves of nested mappings."""
+    out: set[str] = set()
+    for key, value in data.items():
+        out |= _paths(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}"}
+    return out
 
 
 def load_spec(cls: type[S], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> S:

@@ -170,25 +170,20 @@ def runtime_env(stage: Path, spec_yaml: str | None, ship_code: bool = True,
     return env
 
 
-def entrypoint(job: str) -> str:
-    """The command the cluster runs: the lidit CLI on the shipped spec, with the cluster's Python."""
-    return f"python -m lidit.platform.cli {job} {SPEC_FILE}"
-
-
 def new_submission_id(job: str) -> str:
     return f"lidit-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def submit(cluster: Cluster, job: str, spec_yaml: str | None, *, ship_code: bool = True,
+def submit(cluster: Cluster, job: str, command: str, spec_yaml: str | None, *, ship_code: bool = True,
            env_vars: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
-           submission_id: str | None = None, command: str | None = None) -> str:
-    """Submit one job and return its id. `command` replaces the default entrypoint (`lidit JOB spec.yaml`),
-    e.g. for a job that takes no spec (`spec_yaml=None`)."""
+           submission_id: str | None = None) -> str:
+    """Submit one job and return its id. `command` is the entrypoint the cluster runs in the job's working
+    directory, where the spec (if any) is `SPEC_FILE`."""
     submission_id = submission_id or new_submission_id(job)
     with tempfile.TemporaryDirectory(prefix="lidit-submit-") as stage:
         env = runtime_env(Path(stage), spec_yaml, ship_code, env_vars)
         with cluster.errors():
-            return cluster.client.submit_job(entrypoint=command or entrypoint(job), runtime_env=env,
+            return cluster.client.submit_job(entrypoint=command, runtime_env=env,
                                              submission_id=submission_id,
                                              metadata={"lidit_job": job, **(metadata or {})})
 

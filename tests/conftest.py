@@ -81,8 +81,8 @@ def tiny_llms(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> Path:
-    from lidit.pipelines.shapes import write_shapes
+    from lidit.pipelines.shapes import ShapesSpec, write_shapes
 
     out = tmp_path_factory.mktemp("shapes")
-    write_shapes(str(out), train=96, heldout=32, size=32, shard_size=32, seed=0)
+    write_shapes(str(out), ShapesSpec(train=96, heldout=32, image_size=32, shard_size=32, seed=0))
     return out

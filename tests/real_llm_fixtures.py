@@ -13,7 +13,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def real_llms() -> dict[str, str]:
-    from lidit.jobs.encoders import default_models_dir
+    from lidit.jobs.precompute.presets import default_models_dir
     from lidit.models.gguf import import_bundled
 
     return import_bundled(default_models_dir())

@@ -1,10 +1,12 @@
 """`lidit bench NAME`: benchmarks. Each prints a readable table and, with `--json`, one JSON object as its
-last line. Each benchmark lives in `lidit.jobs.bench_<name>` with `add_arguments(parser)` and `run(args)`."""
+last line. Each lives in `lidit.jobs.bench.<name>` with `add_arguments(parser)` and `run(args)`."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from lidit.jobs.commands import Command
 
 BENCHMARKS = {
     "model": "LI-DiT forward+backward images/s and TFLOP/s next to diffusers' PixArt transformer",
@@ -18,13 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, help_text in BENCHMARKS.items():
         bench = sub.add_parser(name, help=help_text, description=help_text)
-        try:
-            module = importlib.import_module(f"lidit.jobs.bench_{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"lidit.jobs.bench_{name}":
-                raise
-            bench.set_defaults(_bench=None)
-            continue
+        module = importlib.import_module(f"lidit.jobs.bench.{name}")
         module.add_arguments(bench)
         if not any("--json" in action.option_strings for action in bench._actions):
             bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -32,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args._bench is None:
-        print(f"lidit bench {args.benchmark}: not built yet")
-        return 1
     return args._bench(args)
+
+
+BENCH = Command(run, add_arguments=add_arguments)

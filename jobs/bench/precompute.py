@@ -8,8 +8,9 @@ captions with the same models, in one run:
 - pipeline: `lidit.pipelines.precompute` on Ray Data, all encoders at once, actor start-up reported
   separately (until the first encoder window starts) from the steady state.
 
-`--encoders tiny` (default) builds the tiny offline LLMs; `--encoders real` takes `--model NAME=PATH`;
-`--encoders 8b` builds an 8B-shaped Llama with random weights (GPU) and reports MFU.
+`--encoders tiny` (default) builds the tiny offline LLMs, `--encoders real` imports SmolLM2 + Gemma-3 (the
+encoder presets), `--encoder NAME=PATH` names any HF folder instead; `--encoders 8b` builds an 8B-shaped
+Llama with random weights (GPU) and reports MFU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import time
 
 import torch
 
-from lidit.platform.config import EncoderSpec, LiditError
+from lidit.jobs.precompute.presets import PRESETS
+from lidit.pipelines.stages import CodecSpec, EncoderSpec
+from lidit.platform.config import LiditError
 
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}  # dense bf16
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -31,8 +34,8 @@ SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoders", choices=["tiny", "real", "8b"], default="tiny")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+    parser.add_argument("--encoders", choices=[*PRESETS, "8b"], default="tiny", help="an encoder preset, or 8b")
+    parser.add_argument("--encoder", action="append", default=[], metavar="NAME=PATH",
                         help="an encoder's HF folder (repeatable); replaces the --encoders set")
     parser.add_argument("--captions", type=int, default=4096, help="captions for the batched loop and the pipeline")
     parser.add_argument("--naive-captions", type=int, default=256, help="captions for the naive loop (slow)")
@@ -59,21 +62,17 @@ def make_shaped_llm(folder: str, tokenizer_from: str, shape: dict) -> str:
 
 
 def encoder_paths(args: argparse.Namespace, workdir: str) -> dict[str, str]:
-    if args.model:
-        pairs = [m.partition("=") for m in args.model]
+    if args.encoder:
+        pairs = [m.partition("=") for m in args.encoder]
         if any(not sep or not name or not path for name, sep, path in pairs):
-            raise LiditError("--model: expected NAME=PATH")
+            raise LiditError("--encoder: expected NAME=PATH")
         return {name: path for name, _, path in pairs}
-    if args.encoders == "real":  # the imported SmolLM2 + Gemma-3 folders (imported on first use, then cached)
-        from lidit.jobs.encoders import resolve_encoders
+    from lidit.jobs.precompute.presets import resolve_encoders
 
-        return {spec.name: spec.path for spec in resolve_encoders("real")}
-    from lidit.models.tiny_llms import make_tiny_llms
-
-    tiny = make_tiny_llms(os.path.join(workdir, "tiny-llms"))
-    if args.encoders == "tiny":
-        return {"llama": tiny["tiny-llama"], "qwen": tiny["tiny-qwen2"]}
-    return {"llama8b": make_shaped_llm(os.path.join(workdir, "llama-8b-shape"), tiny["tiny-llama"], SHAPE_8B)}
+    if args.encoders != "8b":  # a preset: built or imported on first use, then cached
+        return {spec.name: spec.path for spec in resolve_encoders(args.encoders)}
+    tiny = {spec.name: spec.path for spec in resolve_encoders("tiny")}
+    return {"llama8b": make_shaped_llm(os.path.join(workdir, "llama-8b-shape"), tiny["tiny_llama"], SHAPE_8B)}
 
 
 def captions(count: int) -> list[str]:
@@ -147,7 +146,7 @@ def write_caption_shards(folder: str, texts: list[str], shard_size: int) -> str:
 
 
 def pipeline(paths: dict[str, str], texts: list[str], dtype: str, device: str, args, workdir: str) -> dict:
-    from lidit.pipelines.precompute import StageResources, run_precompute
+    from lidit.pipelines.precompute import run_precompute
     from lidit.platform.cluster import init_ray
 
     cpus = os.cpu_count() or 2
@@ -164,10 +163,9 @@ def pipeline(paths: dict[str, str], texts: list[str], dtype: str, device: str, a
                          actors=actors, num_gpus=gpus) for name, path in paths.items()]
     inputs = write_caption_shards(os.path.join(workdir, "shards"), texts, shard_size=args.window)
     store = "bfloat16" if dtype == "bfloat16" else "float16"
-    result = run_precompute(inputs, os.path.join(workdir, f"out-{time.time_ns()}"), specs, image_size=8,
-                            store_dtype=store, window=args.window, read_num_cpus=0.25, write_num_cpus=0.25,
-                            codec_resources=StageResources(num_cpus=0.25, batch_size=args.window),
-                            commit_interval_s=5.0)
+    result = run_precompute(inputs, os.path.join(workdir, f"out-{time.time_ns()}"), specs,
+                            CodecSpec(num_cpus=0.25, batch_size=args.window), image_size=8, store_dtype=store,
+                            window=args.window, read_num_cpus=0.25, write_num_cpus=0.25, commit_interval_s=5.0)
     steady = result.steady_rows_per_s
     return {"result": result.to_dict(), "captions_per_s_steady": steady,
             "captions_per_s_total": result.rows / result.wall_s, "startup_s": result.startup_s}

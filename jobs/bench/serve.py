@@ -1,7 +1,7 @@
 """`lidit bench serve`: closed-loop HTTP load on the Serve application, batched vs unbatched, same run.
 
 Two applications serve the same checkpoint side by side: one with `@serve.batch` as the spec sets it, one
-with every batch size forced to 1. A separate client process (`python -m lidit.jobs.bench_serve client`)
+with every batch size forced to 1. A separate client process (`python -m lidit.jobs.bench.serve client`)
 runs C closed-loop clients (each sends its next request when the last one is answered) until a fixed
 number of requests is done, for C in 1, 4, 16, and reports requests/s, p50/p99 latency, errors and the
 batch sizes the denoiser reported (X-Lidit-Batch-Images). Without --checkpoint, a random-init checkpoint
@@ -47,16 +47,17 @@ def make_checkpoint(folder: Path, preset: str, size: int) -> str:
     import torch
     from transformers import AutoConfig
 
-    from lidit.models import EncoderConfig, LiDiT, lidit_config, save_checkpoint
+    from lidit.models import CheckpointInfo, EncoderConfig, EncoderEntry, LiDiT, lidit_config, save_checkpoint
     from lidit.models.tiny_llms import make_tiny_llms
 
     llms = make_tiny_llms(folder / "llms")
-    encoders = [{"name": name.replace("tiny-", ""), **EncoderConfig(path=path).to_dict()} for name, path in llms.items()]
+    encoders = tuple(EncoderEntry(name.replace("tiny-", "").replace("-", "_"), EncoderConfig(path=path))
+                     for name, path in llms.items())
     widths = [AutoConfig.from_pretrained(path).hidden_size for path in llms.values()]
     torch.manual_seed(0)
     model = LiDiT(lidit_config(preset, encoder_dims=widths, in_channels=3))
     out = folder / f"checkpoint-{preset}"
-    save_checkpoint(str(out), model, None, {"encoders": encoders, "codec": {"kind": "identity"}, "image_size": size})
+    save_checkpoint(str(out), model, None, CheckpointInfo(model.config, encoders, {"kind": "identity"}, (size, size)))
     return str(out)
 
 
@@ -112,7 +113,7 @@ def closed_loop(url: str, clients: int, requests: int, steps: int, size: int, gu
 
 
 def _client_process(url: str, clients: int, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-m", "lidit.jobs.bench_serve", "client", url, str(clients), str(args.requests),
+    command = [sys.executable, "-m", "lidit.jobs.bench.serve", "client", url, str(clients), str(args.requests),
                str(args.steps), str(args.size), str(args.guidance)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -121,11 +122,11 @@ def _client_process(url: str, clients: int, args: argparse.Namespace) -> dict:
 # ---- the benchmark --------------------------------------------------------------------------------------
 
 def _spec(checkpoint: str, name: str, port: int, batch: int, args: argparse.Namespace):
-    from lidit.jobs.serve import ServeSpec
-    from lidit.jobs.serve_app import INGRESS_CONCURRENT_BATCHES
+    from lidit.jobs.serve.ingress import INGRESS_CONCURRENT_BATCHES
+    from lidit.jobs.serve.spec import ServeSpec
     from lidit.platform.config import load_spec
 
-    overrides = [f"local={checkpoint}", f"app_name={name}", f"route_prefix=/{name}", f"port={port}",
+    overrides = [f"model={checkpoint}", f"app_name={name}", f"route_prefix=/{name}", f"port={port}",
                  "poll_interval_s=0", "auth_token_env=null", f"limits.max_size={max(args.size, 64)}",
                  f"limits.max_steps={max(args.steps, 50)}", "limits.max_n=1"]
     for part in ("encoder", "denoiser"):
@@ -151,7 +152,7 @@ def _free_port() -> int:
 def run(args: argparse.Namespace) -> int:
     from ray import serve as ray_serve
 
-    from lidit.jobs.serve import serve_many
+    from lidit.jobs.serve.deploy import serve_many
 
     clients = [int(c) for c in args.clients.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lidit-bench-serve-"))
@@ -159,23 +160,29 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or _free_port()
     batched, unbatched = serve_many([_spec(checkpoint, "batched", port, args.max_batch_size, args),
                                      _spec(checkpoint, "unbatched", port, 1, args)])
-    apps = {"batched": batched, "unbatched": unbatched}
-    rows = []
+    apps = {"batched": batched.url, "unbatched": unbatched.url}
     try:
-        for mode, served in apps.items():
-            url = f"{served.url}/v1/images"
-            closed_loop(url, 2, 4, args.steps, args.size, args.guidance)  # warm-up: first calls load lazily
-            for count in clients:
-                rows.append({"mode": mode, **_client_process(url, count, args)})
+        rows = measure(apps, clients, args)
     finally:
-        for served in apps.values():
+        for served in (batched, unbatched):
             served.stop()
         ray_serve.shutdown()
-    _report(rows, args, clients)
+    report(rows, args, clients)
     return 0 if all(row["errors"] == 0 for row in rows) else 1
 
 
-def _report(rows: list[dict], args: argparse.Namespace, clients: list[int]) -> None:
+def measure(apps: dict[str, str], clients: list[int], args: argparse.Namespace) -> list[dict]:
+    """One row per (mode, client count): each app (mode -> base URL) warmed up, then loaded by a client process."""
+    rows = []
+    for mode, base in apps.items():
+        url = f"{base}/v1/images"
+        closed_loop(url, 2, 4, args.steps, args.size, args.guidance)  # warm-up: first calls load lazily
+        for count in clients:
+            rows.append({"mode": mode, **_client_process(url, count, args)})
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace, clients: list[int]) -> None:
     print(f"lidit bench serve: preset {args.preset}, {args.size}px, {args.steps} steps, guidance {args.guidance}, "
           f"{args.requests} requests per phase")
     print(f"{'mode':<10}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'batch mean':>12}{'max':>5}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from lidit.jobs.submit import add_cluster_arguments
+from lidit.jobs.cluster.submit import add_cluster_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
-"""`lidit submit JOB SPEC.yaml --address http://HEAD:8265`: run a job spec on a Ray cluster.
+"""`lidit submit JOB [SPEC.yaml] --address http://HEAD:8265`: run a job spec on a Ray cluster.
 
-The spec is validated here, with the job module's own spec class (`SPEC`), before anything is sent: a bad
+The spec is validated here, with the job command's own spec class, before anything is sent: a bad
 spec fails with exit code 2 and never reaches the cluster. The spec travels as written (plus the `--set`
 overrides), so defaults that read the environment resolve on the cluster. Paths in it are seen from the
 cluster: use s3:// URIs or paths every node shares.
@@ -9,15 +9,15 @@ cluster: use s3:// URIs or paths every node shares.
 from __future__ import annotations
 
 import argparse
-import importlib
+import shlex
 from pathlib import Path
 
 import yaml
 
-from lidit.platform.cli import add_spec_arguments
-from lidit.platform.config import LiditError, SpecError, apply_overrides, load_spec
+from lidit.jobs import commands
+from lidit.platform.config import SpecError, apply_overrides, load_spec
 
-# The jobs a cluster runs from a spec; serving is a RayService (infra/kuberay/rayservice.yaml) or `lidit serve`.
+# The jobs a cluster runs from a spec; serving is a RayService (infra/kubernetes/rayservice.yaml) or `lidit serve`.
 SUBMITTABLE = ("precompute", "train", "evaluate", "promote", "ablate")
 
 
@@ -32,7 +32,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", choices=SUBMITTABLE, help="which job the spec is for")
-    add_spec_arguments(parser)
+    parser.add_argument("spec", nargs="?", default=None, help="YAML job spec (default: the job's packaged spec)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set train.steps=100 (repeatable)")
     add_cluster_arguments(parser)
     parser.add_argument("--code", choices=("ship", "image"), default="ship",
                         help="ship: send this checkout's lidit code with the job (default); "
@@ -42,28 +44,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submission-id", default=None, help="job id to use (default: lidit-JOB-TIME-RANDOM)")
     parser.add_argument("--follow", action="store_true",
                         help="stream the job's logs until it ends; the exit code is 0 only if it SUCCEEDED")
+    parser.add_argument("--json", action="store_true", help="print the job id and address as one JSON object")
 
 
-def spec_class(job: str) -> type:
-    """The pydantic spec class a job module exposes as `SPEC`."""
-    name = f"lidit.jobs.{job}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name in (name, "lidit.jobs"):
-            raise LiditError(f"unknown job '{job}': this lidit has no {name} module yet") from None
-        raise
-    cls = getattr(module, "SPEC", None)
-    if cls is None:
-        raise LiditError(f"job '{job}' takes no spec file ({name} has no SPEC)")
-    return cls
+def spec_path(job: str, path: str | None) -> str:
+    """The spec file to ship: the given one, or the job's packaged default."""
+    if path is not None:
+        return path
+    default = commands.default_config(commands.load(job))
+    if default is None:
+        raise SpecError(f"job '{job}' has no packaged spec: give SPEC.yaml")
+    return str(default)
 
 
 def resolved_spec(job: str, path: str, overrides: list[str]) -> str:
     """Validate the spec + overrides with the job's spec class and return the YAML to ship."""
-    load_spec(spec_class(job), path, overrides)  # raises SpecError naming the field
+    load_spec(commands.spec_class(job), path, overrides)  # raises SpecError naming the field
     data = yaml.safe_load(Path(path).read_text()) or {}
     return yaml.safe_dump(apply_overrides(data, overrides), sort_keys=False)
+
+
+def entrypoint(job: str) -> str:
+    """The command the cluster runs: the lidit CLI on the shipped spec, with the cluster's Python."""
+    from lidit.platform.submission import SPEC_FILE
+
+    return f"python -m lidit.jobs.cli {shlex.quote(job)} {SPEC_FILE}"
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -77,17 +82,25 @@ def parse_env(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     from lidit.platform import submission
 
-    spec_yaml = resolved_spec(args.job, args.spec, args.overrides)
+    path = spec_path(args.job, args.spec)
+    spec_yaml = resolved_spec(args.job, path, args.overrides)
     env = parse_env(args.env)
     cluster = submission.connect(args.address, args.token_file)
-    job_id = submission.submit(cluster, args.job, spec_yaml, ship_code=args.code == "ship", env_vars=env,
-                               metadata={"lidit_spec": Path(args.spec).name}, submission_id=args.submission_id)
+    job_id = submission.submit(cluster, args.job, entrypoint(args.job), spec_yaml, ship_code=args.code == "ship",
+                               env_vars=env, metadata={"lidit_spec": Path(path).name},
+                               submission_id=args.submission_id)
     print(f"submitted {job_id} to {cluster.address}", flush=True)
+    if args.json and not args.follow:
+        print(json.dumps({"job_id": job_id, "address": cluster.address}))
+        return 0
     if not args.follow:
         print(f"follow it with: lidit jobs logs {job_id} --follow --address {cluster.address}")
         return 0
     final = submission.follow(cluster, job_id)
-    print(f"{job_id}: {final}")
+    print(json.dumps({"job_id": job_id, "address": cluster.address, "status": final}) if args.json
+          else f"{job_id}: {final}")
     return 0 if final == "SUCCEEDED" else 1

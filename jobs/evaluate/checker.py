@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from lidit.jobs.evaluate.spec import CATEGORIES
 from lidit.pipelines.shapes import PALETTE, Scene
 
-CATEGORIES = ("color", "shape", "count", "spatial")
 _COLORS = np.array(list(PALETTE.values()), dtype=np.float64)
 _NAMES = list(PALETTE)
 # Thresholds measured on ground-truth renders at 16-64 px (docs/evaluation.md).

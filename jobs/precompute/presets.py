@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Union
+from typing import Annotated, Callable, Union
 
-from lidit.platform.config import EncoderSpec, SpecError, parse_spec
+from pydantic import AfterValidator
 
-EncodersValue = Union[str, list[Union[str, EncoderSpec, dict]]]
+from lidit.pipelines.stages import EncoderSpec
+from lidit.platform.config import SpecError, parse_spec
 
 
 def default_models_dir() -> Path:
@@ -56,6 +57,21 @@ PRESET_OF = {"smollm2": "real", "gemma3": "real", "tiny_llama": "tiny", "tiny_qw
 
 def _choices() -> str:
     return ", ".join([*PRESETS, *PRESET_OF])
+
+
+def _known_presets(value: str | list) -> str | list:
+    """Preset names are checked when a spec loads; their models are built or imported only when used."""
+    items = [value] if isinstance(value, str) else value
+    if not items:
+        raise ValueError(f"expected a preset name ({', '.join(PRESETS)}) or a non-empty list of encoders")
+    for item in items:
+        if isinstance(item, str) and item not in PRESETS and item not in PRESET_OF:
+            raise ValueError(f"unknown encoder preset {item!r} (choose from {_choices()}, or give a spec)")
+    return value
+
+
+# A spec field naming encoders: a preset, a preset encoder's name, or a list of names and encoder specs.
+EncodersValue = Annotated[Union[str, list[Union[str, EncoderSpec]]], AfterValidator(_known_presets)]
 
 
 def resolve_encoders(value: EncodersValue, models_dir: str | os.PathLike | None = None,

@@ -1,5 +1,6 @@
-"""The HTTP contract of `lidit serve`: request schema, validation against the served model's bounds,
-JSON errors, bearer-token auth. No Ray here, so the rules can be read (and tested) on their own.
+"""The HTTP contract of `lidit serve`: request schema, validation against the spec's limits and the served
+model's image shape, JSON errors, bearer-token auth. No Ray here, so the rules can be read (and tested)
+on their own.
 
 Every bad input is answered with a 4xx and `{"error": {"message", "field", "type"}}` whose message is
 one line naming the field; a 500 only ever means a server fault.
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lidit.jobs.serve.spec import LimitsSpec
 
 MAX_SEED = 2**53 - 1  # exact in JavaScript numbers, so the playground can echo any seed back
 
@@ -47,24 +50,18 @@ class ImageRequest(BaseModel):
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Bounds a request must keep; sizes also depend on the served model (patch size x codec stride)."""
+class ImageShape:
+    """What the served model fixes about image sizes: multiples of its patch size x codec stride, and by
+    default the size it was trained at."""
 
-    max_n: int = 4
-    min_size: int = 16
-    max_size: int = 1024
-    size_multiple: int = 2
-    default_width: int = 32
-    default_height: int = 32
-    max_steps: int = 100
-    default_steps: int = 20
-    max_guidance: float = 20.0
-    default_guidance: float = 4.0
-    max_prompt_chars: int = 2000
-    max_body_bytes: int = 65536
+    size_multiple: int
+    default_height: int
+    default_width: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def describe_limits(limits: LimitsSpec, shape: ImageShape) -> dict[str, Any]:
+    """The bounds a request must keep, as /v1/models reports them."""
+    return {**limits.model_dump(), **asdict(shape)}
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def _in_range(field: str, value: float, low: float, high: float) -> None:
         raise ApiError(422, f"{field}: must be between {low} and {high}, got {value}", field)
 
 
-def validate_request(data: dict[str, Any], limits: Limits, random_seed: int) -> Generation:
+def validate_request(data: dict[str, Any], limits: LimitsSpec, shape: ImageShape, random_seed: int) -> Generation:
     """Schema, then bounds. `random_seed` is used when the request names no seed."""
     try:
         request = ImageRequest.model_validate(data)
@@ -142,10 +139,10 @@ def validate_request(data: dict[str, Any], limits: Limits, random_seed: int) -> 
     sizes = {}
     for field in ("width", "height"):
         value = getattr(request, field)
-        value = getattr(limits, f"default_{field}") if value is None else value
+        value = getattr(shape, f"default_{field}") if value is None else value
         _in_range(field, value, limits.min_size, limits.max_size)
-        if value % limits.size_multiple:
-            raise ApiError(422, f"{field}: must be a multiple of {limits.size_multiple} (patch size x codec "
+        if value % shape.size_multiple:
+            raise ApiError(422, f"{field}: must be a multiple of {shape.size_multiple} (patch size x codec "
                                 f"stride), got {value}", field)
         sizes[field] = value
     steps = limits.default_steps if request.steps is None else request.steps

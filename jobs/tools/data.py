@@ -1,34 +1,33 @@
-"""`lidit data make-shapes DIR`: the synthetic shapes data set (WebDataset shards)."""
+"""`lidit data make-shapes OUT`: the synthetic shapes data set (WebDataset shards)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from lidit.platform.config import LiditError
+from lidit.pipelines.shapes import ShapesSpec
+from lidit.platform.config import parse_spec
+
+# flag -> ShapesSpec field; defaults, bounds and help come from the spec (one place)
+_FLAGS = {"--train": "train", "--heldout": "heldout", "--image-size": "image_size", "--shard-size": "shard_size",
+          "--heldout-percent": "heldout_percent", "--seed": "seed"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     shapes = sub.add_parser("make-shapes", help="coloured shapes with compositional captions and a held-out split")
     shapes.add_argument("out", help="local folder or s3:// prefix")
-    shapes.add_argument("--train", type=int, default=2000, help="training samples")
-    shapes.add_argument("--heldout", type=int, default=200, help="held-out samples (unseen attribute combinations)")
-    shapes.add_argument("--size", type=int, default=32, help="image side in pixels")
-    shapes.add_argument("--shard-size", type=int, default=250, help="samples per tar shard")
-    shapes.add_argument("--heldout-percent", type=int, default=10, help="share of attribute combinations held out")
-    shapes.add_argument("--seed", type=int, default=0)
+    for flag, name in _FLAGS.items():
+        info = ShapesSpec.model_fields[name]
+        shapes.add_argument(flag, type=int, default=info.default, help=f"{info.description or name} (default %(default)s)")
+    shapes.add_argument("--json", action="store_true", help="print the data set manifest as one JSON line")
 
 
 def run(args: argparse.Namespace) -> int:
     from lidit.pipelines.shapes import write_shapes
 
-    for name in ("train", "heldout", "size", "shard_size"):
-        if getattr(args, name) < (8 if name == "size" else 1):
-            raise LiditError(f"--{name.replace('_', '-')} must be at least {8 if name == 'size' else 1}")
-    if not 0 < args.heldout_percent < 100:
-        raise LiditError("--heldout-percent must be between 1 and 99")
-    manifest = write_shapes(args.out, train=args.train, heldout=args.heldout, size=args.size,
-                            shard_size=args.shard_size, seed=args.seed, heldout_percent=args.heldout_percent)
-    print(json.dumps(manifest["splits"], indent=2))
+    spec = parse_spec(ShapesSpec, {name: getattr(args, flag[2:].replace("-", "_")) for flag, name in _FLAGS.items()},
+                      source="make-shapes")
+    manifest = write_shapes(args.out, spec)
+    print(json.dumps(manifest) if args.json else json.dumps(manifest["splits"], indent=2))
     return 0

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import get_args
 
+from lidit.models.encoders import DtypeName
 from lidit.platform.config import LiditError
 
-DTYPE_CHOICES = ["bfloat16", "float32", "float16"]
+DTYPE_CHOICES = get_args(DtypeName)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,162 +1,26 @@
-"""`lidit train SPEC.yaml`: train LI-DiT (refiners + backbone) on precomputed Parquet shards with Ray Train.
+"""`lidit train`: train LI-DiT (refiners + backbone) on precomputed Parquet shards with Ray Train.
 
 The driver validates the spec against the shards (encoder fingerprints), creates or reopens the MLflow
-run, and runs a `TorchTrainer` whose workers stream the shards (`lidit.jobs.train_loop`). The LLMs
+run, and runs a `TorchTrainer` whose workers stream the shards (`lidit.jobs.train.loop`). The LLMs
 stay frozen and are never loaded: their hidden states are in the shards. Checkpoints go to
 `<output>/<name>/checkpoint_<step>/` (local or s3://); re-running the same spec resumes from the latest.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
+from lidit.jobs.train.spec import TrainSpec
+from lidit.models.checkpoint import CheckpointInfo
+from lidit.models.presets import LiDiTConfig
+from lidit.pipelines.stages import EncoderSpec
 from lidit.platform import storage
-from lidit.platform.config import (
-    EncoderSpec,
-    LiditError,
-    RaySpec,
-    ScalingSpec,
-    Spec,
-    SpecError,
-    StorageSpec,
-    TrackingSpec,
-)
+from lidit.platform.config import LiditError, SpecError, StorageSpec
 
 log = logging.getLogger(__name__)
-
-FROM_SHARDS = ("in_channels", "encoder_dims")  # model fields the shards decide
-
-
-class ModelSpec(Spec):
-    """LI-DiT size preset plus field overrides; input channels and encoder widths come from the shards."""
-
-    preset: Literal["tiny", "mini", "small", "1b", "10b"] = "tiny"
-    overrides: dict[str, Any] = Field(default_factory=dict, description="LiDiTConfig fields, e.g. {depth: 4}")
-
-    @model_validator(mode="after")
-    def _known_fields(self) -> "ModelSpec":
-        from lidit.models import LiDiTConfig
-
-        names = {f.name for f in dataclasses.fields(LiDiTConfig)}
-        for key in self.overrides:
-            if key in FROM_SHARDS:
-                raise ValueError(f"overrides.{key} is set by the shards (codec channels, encoder widths)")
-            if key not in names:
-                raise ValueError(f"overrides.{key} is not a LiDiTConfig field")
-        return self
-
-
-class OptimSpec(Spec):
-    """AdamW with linear warmup, then constant or cosine (DiT: constant 1e-4, no weight decay), EMA."""
-
-    lr: float = Field(1e-4, gt=0)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a fraction of lr")
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None = no clipping")
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
-
-
-class DataSpec(Spec):
-    """Where the embeddings are and how workers stream them."""
-
-    embeddings: str = Field(..., description="precompute data set folder (or its output root) local or s3://")
-    batch_size: int = Field(32, gt=0, description="rows per worker per micro-batch")
-    prefetch_batches: int = Field(2, ge=0)
-    shuffle_files: bool = True
-    local_shuffle_buffer: int = Field(0, ge=0, description="rows in the per-worker shuffle buffer; 0 = off")
-    # Ray 2.60's default Parquet reader (datasource V2) lists the files of each read in a task that starts
-    # 32 footer-reader actors, each a new Python process: with one read per epoch in a pass, a 6-step tiny
-    # run on 2 cores waited 43 s for its first batch (V1, which reads the footers in the driver: 8 s).
-    # V2 is for many files on a large cluster.
-    parquet_reader: Literal["v1", "v2"] = Field("v1", description="Ray Data Parquet datasource version")
-    # Ray Data hands out blocks as they finish, so two runs of one spec see the same rows in a different
-    # order (and end with different weights). On: blocks in read order, so runs of one seed are comparable
-    # (ablations compare variants this way) at the cost of head-of-line waits in the streaming read.
-    preserve_order: bool = Field(False, description="deterministic row order across runs (Ray Data preserve_order)")
-
-
-ScheduleKind = Literal["linear", "scaled_linear", "cosine"]  # DDPM noise schedules (lidit.models.DiffusionSchedule)
-
-
-class DiffusionSpec(Spec):
-    num_steps: int = Field(1000, ge=2)
-    kind: ScheduleKind = "linear"
-
-
-class LoopSpec(Spec):
-    """The optimisation loop and the parallelisms applied to the model (`lidit.jobs.parallel`)."""
-
-    steps: int = Field(..., gt=0, description="optimizer steps in total (a rerun with more steps continues)")
-    grad_accum: int = Field(1, gt=0)
-    seed: int = 0
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    compile: bool = False
-    activation_checkpointing: bool = False
-    log_every: int = Field(10, gt=0)
-    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
-
-
-class CheckpointSpec(Spec):
-    every_steps: int = Field(1000, gt=0)
-    num_to_keep: int = Field(2, gt=0)
-    log_final_to_mlflow: bool = True
-
-
-class SamplesSpec(Spec):
-    """Image grids for fixed eval prompts (the first rows of the shards), logged to MLflow."""
-
-    every_steps: int = Field(0, ge=0, description="0 = only at the end")
-    prompts: int = Field(4, ge=0, description="0 = no sample grids")
-    sampler_steps: int = Field(20, gt=0)
-    guidance: float = Field(4.0, ge=1)
-    seed: int = 0
-
-
-class ChaosSpec(Spec):
-    """Fault-tolerance drill: worker `rank` kills itself (SIGKILL) once when it reaches `at_step`, after
-    Ray Train has registered the last checkpoint before it (the restart then resumes from that one)."""
-
-    at_step: int = Field(..., gt=0)
-    rank: int = Field(0, ge=0)
-
-
-class TrainSpec(Spec):
-    name: str = Field("lidit", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="run name: Ray Train folder under `output` and MLflow run name")
-    output: str = Field(..., description="checkpoint storage: local folder or s3:// prefix")
-    workdir: str = Field(".lidit", description="local folder for the default sqlite MLflow store")
-    encoders: list[EncoderSpec] = Field(..., min_length=1, description="must match the shards' encoders")
-    data: DataSpec
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    optim: OptimSpec = Field(default_factory=OptimSpec)
-    train: LoopSpec
-    diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    samples: SamplesSpec = Field(default_factory=SamplesSpec)
-    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    ray: RaySpec = Field(default_factory=RaySpec)
-    chaos: ChaosSpec | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrainSpec":
-        names = [e.name for e in self.encoders]
-        if len(set(names)) != len(names):
-            raise ValueError("encoders: names must be unique")
-        if self.chaos is not None and self.chaos.rank >= self.scaling.num_workers:
-            raise ValueError(f"chaos.rank {self.chaos.rank} >= scaling.num_workers {self.scaling.num_workers}")
-        return self
 
 
 @dataclasses.dataclass
@@ -171,12 +35,10 @@ class TrainResult:
 
 def encoder_fingerprint(spec: EncoderSpec, storage_spec: StorageSpec | None = None) -> str:
     """The feature fingerprint of an encoder spec (hashes the model files unless `revision` is set)."""
-    from lidit.models import EncoderConfig
-
-    fields = spec.model_fields_for_fingerprint()
-    if fields["revision"] is None:
-        fields["path"] = storage.local_copy(spec.path, storage_spec)
-    return EncoderConfig(**fields).fingerprint()
+    config = spec.features()
+    if config.revision is None:
+        config = dataclasses.replace(config, path=storage.local_copy(spec.path, storage_spec))
+    return config.fingerprint()
 
 
 def check_encoders(spec: TrainSpec, dataset) -> None:
@@ -195,8 +57,8 @@ def check_encoders(spec: TrainSpec, dataset) -> None:
                             f"match the shards' {have.fingerprint} ({dataset.uri}, from {have.config.get('path')})")
 
 
-def model_config(spec: TrainSpec, dataset) -> dict:
-    """The LiDiTConfig for this spec and these shards, as a dict (it travels to the workers)."""
+def model_config(spec: TrainSpec, dataset) -> LiDiTConfig:
+    """The LiDiTConfig for this spec and these shards."""
     from lidit.models import lidit_config
 
     channels, height, width = dataset.image_shape
@@ -208,35 +70,31 @@ def model_config(spec: TrainSpec, dataset) -> dict:
     if height % config.patch_size or width % config.patch_size:
         raise SpecError(f"model.overrides.patch_size: {config.patch_size} does not divide the shards' latents "
                         f"{height}x{width}")
-    return config.to_dict()
+    return config
 
 
-def checkpoint_metadata(dataset, diffusion: DiffusionSpec | None = None) -> dict:
-    """What every checkpoint's config.yaml records besides the model: encoders, codec, image size and
-    the diffusion schedule it was trained with (evaluation and serving sample with the same one)."""
-    from lidit.models import DiffusionSchedule
+def checkpoint_info(spec: TrainSpec, dataset, model: LiDiTConfig) -> CheckpointInfo:
+    """What every checkpoint of this run records besides the weights (`lidit.models.CheckpointInfo`): the
+    model config, the encoders, codec and image size of the shards, the diffusion schedule it was trained
+    with (evaluation and serving sample with the same one), and the data set."""
+    from lidit.models import DiffusionSchedule, EncoderConfig, EncoderEntry
 
-    diffusion = diffusion or DiffusionSpec()
-    encoders = [dict(e.config, name=e.name, fingerprint=e.fingerprint, hidden_size=e.hidden_size,
-                     stored_dtype=e.dtype, prefix_len=e.prefix_len) for e in dataset.encoders]
-    return {"encoders": encoders, "codec": dataset.codec, "image_shape": list(dataset.image_shape),
-            "schedule": DiffusionSchedule(diffusion.num_steps, diffusion.kind).config(),
-            "dataset": {"uri": dataset.uri, "fingerprint": dataset.manifest.fingerprint}}
-
-
-def run_uri(spec: TrainSpec) -> str:
-    return storage.join(spec.output, spec.name)
+    encoders = tuple(EncoderEntry(e.name, EncoderConfig.from_dict({**e.config, "fingerprint": e.fingerprint}),
+                                  e.dtype, e.hidden_size, e.prefix_len) for e in dataset.encoders)
+    schedule = DiffusionSchedule(spec.diffusion.num_steps, spec.diffusion.kind).config()
+    return CheckpointInfo(model, encoders, dataset.codec, dataset.image_size, schedule,
+                          {"uri": dataset.uri, "fingerprint": dataset.manifest.fingerprint})
 
 
 def latest_checkpoint_uri(spec: TrainSpec) -> str | None:
     """The newest complete checkpoint (`config.yaml` is written last) under `<output>/<name>/`."""
-    fs, root = storage.filesystem(run_uri(spec), spec.storage)
+    fs, root = storage.filesystem(spec.run_uri, spec.storage)
     fs.invalidate_cache()  # s3fs caches listings: Ray Train wrote new checkpoints behind its back
     if not fs.exists(root):
         return None
     names = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
     for name in reversed([n for n in names if n.startswith("checkpoint_")]):
-        uri = storage.join(run_uri(spec), name)
+        uri = storage.join(spec.run_uri, name)
         if storage.exists(storage.join(uri, "config.yaml"), spec.storage):
             return uri
     return None
@@ -246,7 +104,7 @@ def latest_checkpoint(spec: TrainSpec, local_dir: str | None = None) -> str:
     """A local folder holding the newest complete checkpoint of this spec's run (downloaded from s3://)."""
     uri = latest_checkpoint_uri(spec)
     if uri is None:
-        raise LiditError(f"{run_uri(spec)}: no checkpoint yet")
+        raise LiditError(f"{spec.run_uri}: no checkpoint yet")
     if local_dir is None:
         return storage.local_copy(uri, spec.storage)
     return storage.download_dir(uri, local_dir, spec.storage)
@@ -318,8 +176,8 @@ def train(spec: TrainSpec) -> TrainResult:
         raise LiditError(f"{dataset.uri}: no committed shards")
     check_encoders(spec, dataset)
     plan = data_plan(spec, dataset.num_rows)
-    config = {"spec": spec.model_dump(mode="json"), "model": model_config(spec, dataset),
-              "metadata": checkpoint_metadata(dataset, spec.diffusion), "data": plan}
+    info = checkpoint_info(spec, dataset, model_config(spec, dataset))
+    config = {"spec": spec.model_dump(mode="json"), "checkpoint": info.to_config(), "data": plan}
 
     init_ray(spec.ray.address, spec.ray.num_cpus)
     uri = tracking.tracking_uri(spec.tracking, spec.workdir)
@@ -327,7 +185,7 @@ def train(spec: TrainSpec) -> TrainResult:
                                          tags={"lidit.job": "train", "lidit.dataset": dataset.manifest.fingerprint})
     log.info("MLflow run %s (%s) at %s", run_id, "reopened" if resumed else "new", uri)
     if plan["start_step"] >= spec.train.steps:  # a rerun of a finished spec: nothing to train
-        log.info("%s: already at step %d of %d", run_uri(spec), plan["start_step"], spec.train.steps)
+        log.info("%s: already at step %d of %d", spec.run_uri, plan["start_step"], spec.train.steps)
         metrics = dict(tracking.client(uri).get_run(run_id).data.metrics, step=plan["start_step"])
         tracking.end_run(uri, run_id, "FINISHED")
         return TrainResult(latest_checkpoint_uri(spec), run_id, plan["start_step"], metrics)
@@ -358,7 +216,7 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from lidit.jobs.train_loop import train_loop_per_worker
+    from lidit.jobs.train.loop import train_loop_per_worker
     from lidit.platform import tracking
 
     tracking.log_spec(uri, run_id, spec)
@@ -366,7 +224,7 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
                                digest=dataset.manifest.fingerprint,
                                profile={"rows": dataset.num_rows, "files": len(dataset.files),
                                         "encoders": {e.name: e.fingerprint for e in dataset.encoders},
-                                        "codec": dataset.codec, "image_shape": list(dataset.image_shape)})
+                                        "codec": dataset.codec, "image_size": list(dataset.image_size)})
     config = dict(config, tracking_uri=uri, run_id=run_id, text_statistics=text_statistics(dataset))
     filesystem, path = storage.arrow_filesystem(spec.output, spec.storage)
     if not storage.is_remote(spec.output):
@@ -391,7 +249,7 @@ def _fit(spec: TrainSpec, dataset, config: dict, uri: str, run_id: str) -> Train
     metrics = dict(result.metrics or {})
     checkpoint_uri = latest_checkpoint_uri(spec)
     if checkpoint_uri is None:
-        raise LiditError(f"{run_uri(spec)}: training ended without a checkpoint")
+        raise LiditError(f"{spec.run_uri}: training ended without a checkpoint")
     if "step" not in metrics:  # a rerun of a finished spec reports nothing new
         state = json.loads(storage.read_text(storage.join(checkpoint_uri, "train_state.json"), spec.storage))
         metrics["step"] = state["step"]
@@ -412,25 +270,3 @@ def _fit_keeping_sigint(trainer):
         return trainer.fit()
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-SPEC = TrainSpec  # the spec class `lidit submit` validates against
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lidit.platform.cli import add_spec_arguments
-
-    add_spec_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from lidit.platform.config import load_spec
-
-    spec = load_spec(TrainSpec, args.spec, args.overrides)
-    result = train(spec)
-    print(f"lidit train: run {result.run_id} finished at step {result.final_step}; "
-          f"checkpoint {result.checkpoint_uri}")
-    for key in ("loss", "images_per_s", "data_wait_fraction"):
-        if key in result.metrics:
-            print(f"  {key}: {result.metrics[key]:.4g}")
-    return 0

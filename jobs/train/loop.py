@@ -18,52 +18,16 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
-from lidit.jobs import parallel
-from lidit.jobs.train import TrainSpec, run_uri
-from lidit.models import DiffusionSchedule, LiDiT, LiDiTConfig, diffusion_loss, sample
-from lidit.models.checkpoint import load_training_state, save_checkpoint
+from lidit.jobs.train import parallelize as parallel
+from lidit.jobs.train.ema import EMA
+from lidit.jobs.train.spec import TrainSpec
+from lidit.models import LiDiT, diffusion_loss, sample
+from lidit.models.checkpoint import CheckpointInfo, load_training_state, save_checkpoint
 from lidit.models.text_stats import apply_text_statistics
 from lidit.platform import storage, tracking
 
 log = logging.getLogger(__name__)
-
-
-class EMA:
-    """Exponential moving average of the parameters (DiT: decay 0.9999), kept in float32 and laid
-    out like the parameters (sharded under FSDP2)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.names = [name for name, _ in parallel.unwrap(model).named_parameters()]
-        self.shadow = [p.detach().clone().float() for p in parallel.unwrap(model).parameters()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Average in the parameters after optimizer step `step` (0-based). The decay warms up as
-        (1 + step) / (10 + step) up to `decay` (the usual EMA warm-up), so a short run's average is
-        not mostly the initial weights: with 0.9999 and no warm-up, 600 steps keep 94 % of them."""
-        decay = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().float() for p in parallel.unwrap(model).parameters()]
-        torch._foreach_lerp_(self.shadow, params, 1.0 - decay)
-
-    def full_state_dict(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`model_state` with the parameters replaced by their averages (collective under FSDP2)."""
-        from torch.distributed.tensor import DTensor
-
-        out = dict(model_state)
-        for name, value in zip(self.names, self.shadow):
-            out[name] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
-        return out
-
-    @torch.no_grad()
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        from torch.distributed.tensor import DTensor, distribute_tensor
-
-        for name, value in zip(self.names, self.shadow):
-            full = state[name].to(value.device if not isinstance(value, DTensor) else value.to_local().device)
-            value.copy_(distribute_tensor(full, value.device_mesh, value.placements) if isinstance(value, DTensor) else full)
 
 
 def learning_rate(spec: TrainSpec, step: int) -> float:
@@ -112,7 +76,7 @@ class Trainer:
         from lidit.pipelines.shards import make_collate_fn, open_embeddings
 
         self.spec = spec = TrainSpec.model_validate(config["spec"])
-        self.config, self.metadata = config, config["metadata"]
+        self.config, self.info = config, CheckpointInfo.from_config(config["checkpoint"])
         self.tracking_uri, self.run_id = config["tracking_uri"], config["run_id"]
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
@@ -121,7 +85,7 @@ class Trainer:
         self.strategy = parallel.resolve_strategy(spec.train.strategy, self.world_size)
 
         torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-        self.model_config = LiDiTConfig.from_dict(config["model"])
+        self.model_config = self.info.model
         model = LiDiT(self.model_config)
         if config.get("text_statistics"):  # a resumed run loads its own from the checkpoint in restore()
             apply_text_statistics(model, config["text_statistics"])
@@ -132,7 +96,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.optim.lr, betas=spec.optim.betas,
                                            weight_decay=spec.optim.weight_decay)
         self.ema = EMA(self.model, spec.optim.ema_decay)
-        self.schedule = DiffusionSchedule(spec.diffusion.num_steps, spec.diffusion.kind)
+        self.schedule = self.info.diffusion_schedule()
         self.generator = torch.Generator()
 
         self.dataset = open_embeddings(spec.data.embeddings, spec.storage)
@@ -192,7 +156,7 @@ class Trainer:
                     plain = LiDiT(self.model_config)
                 plain.load_state_dict(model_state, assign=True)
                 optimizer_state = None if self.sharded else self.optimizer.state_dict()
-                save_checkpoint(folder, plain, ema_state, self.metadata, train_state, optimizer_state)
+                save_checkpoint(folder, plain, ema_state, self.info, train_state, optimizer_state)
                 if step >= self.spec.train.steps and self.spec.checkpoint.log_final_to_mlflow:
                     tracking.log_artifact(self.tracking_uri, self.run_id, folder, "checkpoint")
             wrote = self.rank == 0 or self.sharded
@@ -226,10 +190,10 @@ class Trainer:
         model.load_state_dict(ema_state, assign=True)
         model = model.to(self.device, torch.bfloat16 if self.bf16 else torch.float32).eval()
         images, text = to_device(prompts, self.device)
-        codec = codec_from_config(self.metadata["codec"], device=self.device)
+        codec = codec_from_config(self.info.codec, device=self.device)
         latents = sample(model, text, self.schedule, tuple(images.shape), steps=samples.sampler_steps,
                          guidance=samples.guidance, seed=samples.seed,
-                         clip_x0=1.0 if self.metadata["codec"].get("kind") == "identity" else None)
+                         clip_x0=1.0 if self.info.codec.get("kind") == "identity" else None)
         tracking.log_bytes(self.tracking_uri, self.run_id, grid_png(codec.decode(latents.float()).cpu()),
                            f"samples/step_{self.step:08d}.png")
 
@@ -269,7 +233,7 @@ class Trainer:
         chaos = self.spec.chaos
         if chaos is None or self.rank != chaos.rank or self.step != chaos.at_step:
             return
-        marker = storage.join(run_uri(self.spec), "chaos", f"killed-at-step-{chaos.at_step}")
+        marker = storage.join(self.spec.run_uri, "chaos", f"killed-at-step-{chaos.at_step}")
         if storage.exists(marker, self.spec.storage):
             return
         self.wait_until_registered((chaos.at_step // self.spec.checkpoint.every_steps) * self.spec.checkpoint.every_steps)
@@ -293,7 +257,7 @@ class Trainer:
         checkpoint reported but not yet collected when the group dies is not resumed from."""
         if step == 0:
             return
-        snapshot = storage.join(run_uri(self.spec), "checkpoint_manager_snapshot.json")
+        snapshot = storage.join(self.spec.run_uri, "checkpoint_manager_snapshot.json")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             storage.filesystem(snapshot, self.spec.storage)[0].invalidate_cache()  # s3fs caches listings

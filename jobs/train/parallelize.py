@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lidit.jobs.train.spec import Strategy
 from lidit.models import LiDiT
-
-Strategy = Literal["auto", "none", "ddp", "fsdp"]
 
 
 def repeated_blocks(model: LiDiT) -> list[nn.Module]:

@@ -251,14 +251,14 @@ def _head_of(job: dict) -> dict:
 
 @pytest.mark.parametrize("job_name", ["lidit-precompute", "lidit-train"])
 def test_rayjob_entrypoints_are_lidit_commands_on_valid_specs(job_name):
-    from lidit.jobs.submit import spec_class
-    from lidit.platform.cli import COMMANDS, build_parser
+    from lidit.jobs.cli import build_parser
+    from lidit.jobs.commands import COMMANDS, spec_class
     from lidit.platform.config import parse_spec
 
     job = next(d for d in MANIFESTS if d["kind"] == "RayJob" and d["metadata"]["name"] == job_name)
     program, command, *rest = shlex.split(job["spec"]["entrypoint"])
     assert program == "lidit" and command in COMMANDS and command in job_name
-    args = build_parser(command).parse_args(rest)  # argparse exits on arguments the command does not take
+    args = build_parser(command)[0].parse_args(rest)  # argparse exits on arguments the command does not take
     head = _head_of(job)
     pod = head["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
@@ -281,7 +281,7 @@ def test_train_spec_reads_what_precompute_writes():
 
 
 def test_rayservice_imports_a_serve_application_builder_with_valid_args():
-    from lidit.jobs.serve import ServeSpec
+    from lidit.jobs.serve.spec import ServeSpec
     from lidit.platform.config import parse_spec
 
     service = next(d for d in MANIFESTS if d["kind"] == "RayService")
@@ -291,7 +291,7 @@ def test_rayservice_imports_a_serve_application_builder_with_valid_args():
     builder = getattr(importlib.import_module(module), attribute, None)
     assert callable(builder), f"{app['import_path']} is not a Ray Serve application builder"
     spec = parse_spec(ServeSpec, app["args"], "rayservice.yaml args")
-    assert spec.model_uri.endswith("@champion") and spec.tracking.tracking_uri == "http://lidit-mlflow:5000"
+    assert spec.model.endswith("@champion") and spec.tracking.tracking_uri == "http://lidit-mlflow:5000"
 
 
 # --- the MLflow server -------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 prefix states joined back to each caption's row) equals the full prompt's hidden states, run whole
 through each real LLM without any cache, up to the bf16 rounding of storage."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from lidit.jobs.encoders import resolve_encoders
-from lidit.models.encoders import EncoderConfig, LLMPromptEncoder
-from lidit.pipelines import shards
-from lidit.pipelines.precompute import StageResources, run_precompute
+from lidit.jobs.precompute.presets import resolve_encoders
+from lidit.models.encoders import LLMPromptEncoder
+from lidit.pipelines.embeddings import open_embeddings
+from lidit.pipelines.precompute import run_precompute
+from lidit.pipelines.stages import CodecSpec
 
 
 @pytest.mark.slow
@@ -16,17 +19,17 @@ def test_reader_rows_equal_full_prompt_features(ray_local, real_llms, shapes_dat
     from pathlib import Path
 
     # float32 compute so that the only difference left is the bf16 storage
-    specs = [s.model_copy(update={"dtype": "float32", "num_cpus": 0.5, "batch_size": 8})
+    specs = [dataclasses.replace(s, dtype="float32", num_cpus=0.5, batch_size=8)
              for s in resolve_encoders("real", Path(real_llms["smollm2"]).parent)]
-    result = run_precompute(str(shapes_data / "heldout-000000.tar"), str(tmp_path), specs, image_size=32,
-                            store_dtype="bfloat16", window=32, read_num_cpus=0.25, write_num_cpus=0.25,
-                            codec_resources=StageResources(num_cpus=0.25), commit_interval_s=0)
+    result = run_precompute(str(shapes_data / "heldout-000000.tar"), str(tmp_path), specs, CodecSpec(num_cpus=0.25),
+                            image_size=32, store_dtype="bfloat16", window=32, read_num_cpus=0.25, write_num_cpus=0.25,
+                            commit_interval_s=0)
     assert result.rows == 32
-    data = shards.open_embeddings(result.dataset_uri)
+    data = open_embeddings(result.dataset_uri)
     (batch,) = list(data.read_batches(batch_size=32))
     captions = [row["caption"] for table in data.iter_tables(32) for row in table.select(["caption"]).to_pylist()]
     for spec, joined in zip(specs, batch.text):
-        encoder = LLMPromptEncoder(EncoderConfig(**spec.model_fields_for_fingerprint()))
+        encoder = LLMPromptEncoder(spec.features())
         assert joined.caption_start == encoder.prefix_len > 0
         rows, _ = encoder.caption_ids(captions)
         for index in (0, 13, 31):

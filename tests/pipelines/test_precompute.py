@@ -12,9 +12,10 @@ from PIL import Image
 
 from lidit.models.encoders import EncoderConfig, LLMPromptEncoder
 from lidit.pipelines import shards
-from lidit.pipelines.precompute import StageResources, padded_tokens, run_precompute
+from lidit.pipelines.embeddings import open_embeddings, read_batches
+from lidit.pipelines.precompute import padded_tokens, run_precompute
 from lidit.pipelines.shapes import encode_png
-from lidit.platform.config import EncoderSpec
+from lidit.pipelines.stages import CodecSpec, EncoderSpec
 
 SMALL = dict(num_cpus=0.5)  # two encoder actors + the other stages fit the session's 2-CPU Ray
 
@@ -27,7 +28,7 @@ def encoder_specs(tiny_llms, llama_batch=1):
 def run(inputs, output, encoders, **kwargs):
     kwargs = {"image_size": 32, "store_dtype": "float16", "window": 64, "commit_interval_s": 0,
               "read_num_cpus": 0.25, "write_num_cpus": 0.25,
-              "codec_resources": StageResources(num_cpus=0.25), **kwargs}
+              "codec": CodecSpec(num_cpus=0.25), **kwargs}
     return run_precompute(inputs, output, encoders, **kwargs)
 
 
@@ -36,7 +37,7 @@ def test_two_encoders_store_what_the_encoder_computes(ray_local, tiny_llms, shap
     inputs = str(shapes_data / "train-{000000..000001}.tar")
     result = run(inputs, str(tmp_path), encoder_specs(tiny_llms))
     assert result.rows == 64 and result.skipped == {} and result.already_committed == 0
-    data = shards.open_embeddings(result.dataset_uri)
+    data = open_embeddings(result.dataset_uri)
     assert [e.name for e in data.encoders] == ["llama", "qwen"]
     table = pq.read_table(data.files[0])  # plain pyarrow
     assert table.schema.field("llama.states").type.value_type.value_type == shards.pa.float16()
@@ -84,7 +85,7 @@ def test_two_encoders_store_what_the_encoder_computes(ray_local, tiny_llms, shap
     # another encoder spec (another layer) never mixes with these features
     other = run(inputs, str(tmp_path), [encoder_specs(tiny_llms)[0].model_copy(update={"layer": -2})])
     assert other.dataset_uri != result.dataset_uri and other.rows == 64
-    assert shards.open_embeddings(result.dataset_uri).num_rows == 64
+    assert open_embeddings(result.dataset_uri).num_rows == 64
 
 
 def write_tar(path, samples):
@@ -114,11 +115,11 @@ def test_bad_samples_are_skipped_and_counted(ray_local, tiny_llms, tmp_path):
     (inputs / "b.tar").write_bytes(whole[: len(whole) // 2 + 100])  # cut inside a member
     write_tar(inputs / "c.tar", [("x.png", b"garbage"), ("x.txt", b"a caption")])  # no valid sample at all
     result = run(str(inputs / "*.tar"), str(tmp_path / "out"), encoder_specs(tiny_llms)[:1])
-    kept = shards.open_embeddings(result.dataset_uri).manifest.shards[str(inputs / "b.tar")]["rows"]
+    kept = open_embeddings(result.dataset_uri).manifest.shards[str(inputs / "b.tar")]["rows"]
     assert 0 < kept < 6 and result.rows == 2 + kept
     assert result.skipped == {"caption_empty": 1, "caption_missing": 1, "caption_not_utf8": 1, "image_missing": 1,
                               "image_undecodable": 2, "truncated_tar": 1}
-    manifest = shards.open_embeddings(result.dataset_uri).manifest
+    manifest = open_embeddings(result.dataset_uri).manifest
     assert manifest.shards[str(inputs / "c.tar")] == {"files": [], "rows": 0, "skipped": {"image_undecodable": 1}}
     assert manifest.totals()["skipped"] == result.skipped
 
@@ -131,7 +132,7 @@ def test_s3_input_and_output(ray_local, tiny_llms, shapes_data, s3_server):
     st.write_bytes_atomic(f"{bucket}/shapes/heldout-000000.tar", (shapes_data / "heldout-000000.tar").read_bytes())
     result = run(f"{bucket}/shapes/heldout-*.tar", f"{bucket}/embeddings", encoder_specs(tiny_llms)[1:])
     assert result.dataset_uri.startswith("s3://") and result.rows == 32
-    (batch,) = list(shards.read_batches(result.dataset_uri, batch_size=64))
+    (batch,) = list(read_batches(result.dataset_uri, batch_size=64))
     assert len(batch.keys) == 32 and batch.text[0].states.shape[0] == 32
 
 

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from lidit.pipelines import shards
-from lidit.pipelines.shapes import write_shapes
+from lidit.pipelines.embeddings import open_embeddings
+from lidit.pipelines.shapes import ShapesSpec, write_shapes
 
 SHARDS, PER_SHARD = 48, 8
 
@@ -45,7 +46,8 @@ def committed(output: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_9_then_rerun_writes_every_sample_once(ray_local, tiny_llms, tmp_path):
-    write_shapes(str(tmp_path / "in"), train=SHARDS * PER_SHARD, heldout=1, size=16, shard_size=PER_SHARD)
+    write_shapes(str(tmp_path / "in"), ShapesSpec(train=SHARDS * PER_SHARD, heldout=1, image_size=16,
+                                                  shard_size=PER_SHARD))
     output = tmp_path / "out"
     spec = {"input": str(tmp_path / "in" / "train-*.tar"), "output": str(output), "image_size": 16,
             "store_dtype": "float16", "window": PER_SHARD, "commit_interval_s": 0, "read_num_cpus": 1,
@@ -73,7 +75,7 @@ def test_kill_9_then_rerun_writes_every_sample_once(ray_local, tiny_llms, tmp_pa
     assert summary["already_committed"] == len(before)
     assert summary["rows"] == (SHARDS - len(before)) * PER_SHARD
 
-    data = shards.open_embeddings(str(output))
+    data = open_embeddings(str(output))
     keys = [k for table in data.iter_tables(batch_size=1000, columns=["key"]) for k in table.column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD
     on_disk = sorted(str(p) for p in (Path(data.uri) / "data").glob("*.parquet"))

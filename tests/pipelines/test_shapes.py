@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from lidit.pipelines.shapes import PALETTE, Scene, caption_of, is_heldout, render, samples, write_shapes
+from lidit.pipelines.shapes import PALETTE, Scene, ShapesSpec, caption_of, is_heldout, render, samples, write_shapes
 
 
 def test_deterministic_by_seed(tmp_path):
-    a = write_shapes(str(tmp_path / "a"), train=40, heldout=8, shard_size=16, seed=3)
-    b = write_shapes(str(tmp_path / "b"), train=40, heldout=8, shard_size=16, seed=3)
+    a = write_shapes(str(tmp_path / "a"), ShapesSpec(train=40, heldout=8, shard_size=16, seed=3))
+    b = write_shapes(str(tmp_path / "b"), ShapesSpec(train=40, heldout=8, shard_size=16, seed=3))
     assert a == b
     for name in a["splits"]["train"]["shards"] + a["splits"]["heldout"]["shards"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    c = write_shapes(str(tmp_path / "c"), train=40, heldout=8, shard_size=16, seed=4)
+    c = write_shapes(str(tmp_path / "c"), ShapesSpec(train=40, heldout=8, shard_size=16, seed=4))
     assert (tmp_path / "c" / "train-000000.tar").read_bytes() != (tmp_path / "a" / "train-000000.tar").read_bytes()
 
 

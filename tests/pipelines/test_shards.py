@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lidit.pipelines import shards
+from lidit.pipelines import embeddings, shards
 from lidit.platform import storage as st
 
 
@@ -67,7 +67,7 @@ def make_dataset(uri, storage=None, cut=False, rows=5):
 
 def test_plain_pyarrow_reader_joins_prefix_and_pads(tmp_path):
     dataset, (s1, l1, s2, l2, images) = make_dataset(str(tmp_path))
-    data = shards.open_embeddings(str(tmp_path))  # the output root holding one data set also works
+    data = embeddings.open_embeddings(str(tmp_path))  # the output root holding one data set also works
     assert data.uri == dataset and data.num_rows == 5
     assert [e.name for e in data.encoders] == ["llama", "qwen"]
     (file,) = data.files
@@ -90,8 +90,8 @@ def test_plain_pyarrow_reader_joins_prefix_and_pads(tmp_path):
 def test_cut_instruction_and_uncommitted_leftovers(tmp_path):
     dataset, _ = make_dataset(str(tmp_path), cut=True)
     leftover = st.join(dataset, shards.data_file_name("input-000001"))
-    pq.write_table(pq.read_table(shards.open_embeddings(dataset).files[0]), leftover)
-    data = shards.open_embeddings(dataset)
+    pq.write_table(pq.read_table(embeddings.open_embeddings(dataset).files[0]), leftover)
+    data = embeddings.open_embeddings(dataset)
     assert len(data.files) == 1 and leftover not in data.files  # written but never committed: invisible
     (batch,) = list(data.read_batches())
     assert batch.text[0].caption_start == 0 and batch.text[0].states.shape[1] == 5
@@ -103,7 +103,7 @@ def test_two_data_sets_need_an_explicit_folder(tmp_path):
     make_dataset(str(tmp_path))
     make_dataset(str(tmp_path), cut=True)
     with pytest.raises(shards.LiditError, match="expected one embedding data set"):
-        shards.open_embeddings(str(tmp_path))
+        embeddings.open_embeddings(str(tmp_path))
 
 
 def test_ray_training_path_reads_s3(ray_local, s3_server):
@@ -112,11 +112,11 @@ def test_ray_training_path_reads_s3(ray_local, s3_server):
 
     root = s3_server.bucket("shards-test") + "/embeddings"
     dataset, (s1, l1, _, _, _) = make_dataset(root)
-    data = shards.open_embeddings(root)
+    data = embeddings.open_embeddings(root)
     fs, _ = st.arrow_filesystem(data.files[0])
     paths = [st.filesystem(f)[1] for f in data.files]
     ds = ray.data.read_parquet(paths, filesystem=fs)
-    batches = list(ds.iterator().iter_torch_batches(batch_size=3, collate_fn=shards.make_collate_fn(data.info)))
+    batches = list(ds.iterator().iter_torch_batches(batch_size=3, collate_fn=embeddings.make_collate_fn(data.info)))
     keys = [k for b in batches for k in b.keys]
     assert sorted(keys) == [f"k{i}" for i in range(5)]
     first = batches[0]

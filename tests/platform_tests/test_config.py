@@ -2,8 +2,9 @@
 
 import pytest
 
-from lidit.platform.config import (EncoderSpec, ScalingSpec, Spec, SpecError, StorageSpec, TrackingSpec, dump_spec,
-                                   load_spec)
+from lidit.pipelines.stages import EncoderSpec
+from lidit.platform.config import (ScalingSpec, Spec, SpecError, StorageSpec, TrackingSpec, dump_spec, embedded_spec,
+                                   load_spec, merge)
 
 
 class ExampleSpec(Spec):
@@ -56,3 +57,29 @@ def test_dump_redacts_credentials():
     spec = ExampleSpec(storage=StorageSpec(key="AKIA123", secret="hunter2"))
     text = dump_spec(spec)
     assert "hunter2" not in text and "AKIA123" not in text and "***" in text
+
+
+class InnerSpec(Spec):
+    lr: float = 1e-4
+    steps: int = 10
+
+
+class OuterSpec(Spec):
+    name: str
+    output: str
+    inner: InnerSpec = InnerSpec()
+
+
+def test_merge_lays_sections_over_each_other():
+    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"c": 4}, "e": 5}) == {"a": {"b": 1, "c": 4}, "d": 3, "e": 5}
+
+
+def test_embedded_spec_takes_any_field_but_the_filled_ones():
+    spec = embedded_spec(OuterSpec, {"inner": {"lr": 0.5}}, {"name": "n", "output": "o"}, "train")
+    assert (spec.name, spec.output, spec.inner.lr, spec.inner.steps) == ("n", "o", 0.5, 10)
+    with pytest.raises(SpecError, match=r"^train\.output: set by the job itself"):
+        embedded_spec(OuterSpec, {"output": "mine"}, {"name": "n", "output": "o"}, "train")
+    with pytest.raises(SpecError, match=r"^train\.inner\.steps: Input should be a valid integer"):
+        embedded_spec(OuterSpec, {"inner": {"steps": "many"}}, {"name": "n", "output": "o"}, "train")
+    with pytest.raises(SpecError, match=r"^train\.inner\.nope: unknown field"):
+        embedded_spec(OuterSpec, {"inner": {"nope": 1}}, {"name": "n", "output": "o"}, "train")

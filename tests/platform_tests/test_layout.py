@@ -25,17 +25,3 @@ def test_namespace_maps_the_four_folders():
     assert Path(lidit.platform.config.__file__).parent == REPO / "platform"
     for module, folder in ((lidit.models, "models"), (lidit.pipelines, "pipelines"), (lidit.jobs, "jobs")):
         assert Path(module.__file__).parent == REPO / folder
-
-
-def test_models_import_neither_ray_nor_mlflow():
-    offenders = [str(p) for p in (REPO / "models").rglob("*.py")
-                 if any(line.strip().startswith(("import ray", "from ray", "import mlflow", "from mlflow"))
-                        for line in p.read_text().splitlines())]
-    assert offenders == []
-
-
-def test_platform_imports_no_other_folder():
-    offenders = [str(p) for p in (REPO / "platform").rglob("*.py")
-                 if any(f"lidit.{other}" in line for other in ("models", "pipelines", "jobs")
-                        for line in p.read_text().splitlines() if line.strip().startswith(("import", "from")))]
-    assert offenders == []

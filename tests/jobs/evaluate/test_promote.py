@@ -5,18 +5,15 @@ import uuid
 
 import pytest
 
-from lidit.jobs.evaluate import untrained_checkpoint
-from lidit.models import EncoderConfig
+from helpers import make_checkpoint
+from lidit.jobs.cli import main
 from lidit.platform import registry
-from lidit.platform.cli import main
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_llms, tmp_path_factory):
-    encoders = {"tiny_llama": EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False),
-                "tiny_qwen2": EncoderConfig(tiny_llms["tiny-qwen2"])}
     root = tmp_path_factory.mktemp("promote")
-    return [untrained_checkpoint(str(root / f"ckpt{seed}"), encoders, image_size=16, seed=seed) for seed in (0, 1)]
+    return [make_checkpoint(root / f"ckpt{seed}", tiny_llms, image_size=16, seed=seed) for seed in (0, 1)]
 
 
 @pytest.mark.slow
@@ -55,4 +52,6 @@ def test_promote_without_a_candidate_fails_with_one_line(mlflow_server, capsys):
     code = main(["promote", "--set", f"tracking.tracking_uri={mlflow_server}",
                  "--set", f"tracking.registered_model={name}"])
     assert code == 1 and "no candidate" in capsys.readouterr().err
-    assert main(["promote", "--to", "3", "--set", f"tracking.tracking_uri={mlflow_server}"]) == 1
+    code = main(["promote", "--rollback", "--set", f"tracking.tracking_uri={mlflow_server}",
+                 "--set", f"tracking.registered_model={name}"])
+    assert code == 1 and "no previous champion" in capsys.readouterr().err

@@ -5,18 +5,32 @@ import uuid
 
 import pytest
 
-from lidit.jobs.evaluate import BenchmarkSpec, EvaluateSpec, evaluate, grid, read_prompts, untrained_checkpoint
-from lidit.models import EncoderConfig
+from helpers import make_checkpoint
+from lidit.jobs.cli import main
+from lidit.jobs.evaluate.benchmark import grid, read_prompts
+from lidit.jobs.evaluate.driver import evaluate, untrained_checkpoint
+from lidit.jobs.evaluate.spec import BenchmarkSpec, EvaluateSpec
 from lidit.platform import registry
-from lidit.platform.cli import main
 from lidit.platform.config import LiditError, SpecError, load_spec
 
 
 @pytest.fixture(scope="module")
 def untrained(tiny_llms, tmp_path_factory):
-    encoders = {"tiny_llama": EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False),
-                "tiny_qwen2": EncoderConfig(tiny_llms["tiny-qwen2"])}
-    return untrained_checkpoint(str(tmp_path_factory.mktemp("untrained") / "checkpoint"), encoders, image_size=16)
+    return make_checkpoint(tmp_path_factory.mktemp("untrained") / "checkpoint", tiny_llms, image_size=16)
+
+
+def test_untrained_checkpoint_is_the_same_model_freshly_initialised(untrained, tmp_path):
+    """The benchmark's floor: same architecture, encoders, codec and size as the trained checkpoint."""
+    from safetensors.torch import load_file
+
+    from lidit.models import read_checkpoint_info
+
+    floor = untrained_checkpoint(untrained, str(tmp_path / "floor"), seed=1, use_collaborative=False)
+    trained, fresh = read_checkpoint_info(untrained), read_checkpoint_info(floor)
+    assert (fresh.encoders, fresh.codec, fresh.image_size) == (trained.encoders, trained.codec, trained.image_size)
+    assert fresh.model.use_collaborative is False and fresh.model.width == trained.model.width
+    weights = load_file(f"{floor}/model.safetensors")
+    assert not any(k.startswith("collaborative_refiner.") for k in weights)
 
 
 def test_benchmark_key_names_what_changes_the_scores():

@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lidit.jobs.ablate import AblateSpec, Outcome, findings, plan_variants, table_rows
-from lidit.platform.cli import main
-from lidit.platform.config import EncoderSpec, SpecError, load_spec
+from lidit.jobs.cli import main
+from lidit.jobs.commands import CONFIGS
+from lidit.jobs.experiments.ablate import AblateSpec, Outcome, plan_variants
+from lidit.jobs.experiments.ablate_report import findings, table_rows
+from lidit.pipelines.stages import EncoderSpec
+from lidit.platform.config import SpecError, load_spec
+
+PACKAGED = CONFIGS / "ablate.yaml"
 
 
 def test_variants_follow_the_paper_ladder_one_change_per_step():
     encoders = [EncoderSpec(name="smollm2", path="/m/smollm2"),
                 EncoderSpec(name="gemma3", path="/m/gemma3", use_chat_template=False, system_prompt="be brief")]
-    plan = plan_variants(AblateSpec(encoders="tiny"), encoders)
+    plan = plan_variants(load_spec(AblateSpec, PACKAGED), encoders)
 
     assert [v.id for v in plan] == ["raw-smollm2", "raw-gemma3", "instruction-smollm2", "instruction-gemma3",
                                     "refiner-smollm2", "refiner-gemma3", "collaborative-smollm2-gemma3"]
@@ -29,7 +34,8 @@ def test_variants_follow_the_paper_ladder_one_change_per_step():
     assert instructed == encoders[1]  # + instruction: the encoder exactly as configured
     assert plan[-1].encoders == encoders
 
-    last = plan_variants(AblateSpec(encoders="tiny", raw_layer=-1, per_llm=[], variants=["raw", "concat"]), encoders)
+    last = plan_variants(load_spec(AblateSpec, PACKAGED, ["raw_layer=-1", "per_llm=[]", "variants=[raw, concat]"]),
+                         encoders)
     assert [v.id for v in last] == ["raw-smollm2-gemma3", "concat-smollm2-gemma3"]
     assert [e.layer for e in last[0].encoders] == [-1, -1] and [e.layer for e in last[1].encoders] == [-3, -3]
 
@@ -54,15 +60,17 @@ def test_findings_report_each_step_with_its_spread():
 
 def test_bad_specs_fail_with_the_field_named(tmp_path, capsys):
     with pytest.raises(SpecError, match="seeds"):
-        load_spec(AblateSpec, None, ["seeds=[]"])
+        load_spec(AblateSpec, PACKAGED, ["seeds=[]"])
     with pytest.raises(SpecError, match="variants.0"):
-        load_spec(AblateSpec, None, ["variants=[bigger]"])
-    with pytest.raises(SpecError, match="budget.overrides: Value error, use_refiner is what the variants change"):
-        load_spec(AblateSpec, None, ["budget.overrides={use_refiner: false}"])
+        load_spec(AblateSpec, PACKAGED, ["variants=[bigger]"])
+    with pytest.raises(SpecError, match="train.model.overrides.use_refiner: set by the job itself"):
+        load_spec(AblateSpec, PACKAGED, ["train.model.overrides={use_refiner: false}"])
     with pytest.raises(SpecError, match="benchmark.data_seed/heldout_percent"):
-        load_spec(AblateSpec, None, ["benchmark.data_seed=3"])
-    assert main(["ablate", "--set", "budget.stepz=3"]) == 2
-    assert "budget.stepz: unknown field" in capsys.readouterr().err
+        load_spec(AblateSpec, PACKAGED, ["benchmark.data_seed=3"])
+    with pytest.raises(SpecError, match="train.train.steps: Field required"):
+        load_spec(AblateSpec, None)  # the budget is the packaged spec's; a spec of its own must give one
+    assert main(["ablate", "--set", "train.train.stepz=3"]) == 2
+    assert "train.train.stepz: unknown field" in capsys.readouterr().err
     assert main(["ablate", "--encoders", "gpt9", "--workdir", str(tmp_path)]) == 2
     assert "encoders: unknown encoder preset 'gpt9'" in capsys.readouterr().err
 
@@ -80,7 +88,9 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
         "encoders": [{"name": "tiny_llama", "path": tiny_llms["tiny-llama"], "use_chat_template": False},
                      {"name": "tiny_qwen2", "path": tiny_llms["tiny-qwen2"]}],
         "data": {"train": 64, "shard_size": 64, "image_size": 16},
-        "budget": {"steps": 6, "batch_size": 16, "lr": 3e-3, "warmup_steps": 0},
+        "train": {"train": {"steps": 6}, "data": {"batch_size": 16}, "optim": {"lr": 3e-3, "ema_decay": 0.9},
+                  "scaling": {"num_workers": 1}, "samples": {"prompts": 0},
+                  "checkpoint": {"log_final_to_mlflow": False}},
         "benchmark": {"prompts": 6, "steps": 3, "batch_size": 6}, "probe": {"pairs": 4},
         "tracking": {"tracking_uri": mlflow_server, "experiment": "ablate-test"},
     }

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lidit.jobs.checker import check, detect, summarize
+from lidit.jobs.evaluate.checker import check, detect, summarize
 from lidit.pipelines.shapes import PALETTE, SHAPES, Scene, ShapeObject, render, samples
 
 SCENES = [scene for _, scene in samples("heldout", 240, seed=1)]

@@ -5,29 +5,33 @@ from __future__ import annotations
 
 import pytest
 
-from lidit.jobs.serve import ServeSpec
-from lidit.jobs.serve_api import MAX_SEED, ApiError, Limits, check_bearer, parse_json, token_digest, validate_request
+from lidit.jobs.serve.api import (MAX_SEED, ApiError, ImageShape, check_bearer, describe_limits, parse_json,
+                                  token_digest, validate_request)
+from lidit.jobs.serve.spec import LimitsSpec, ServeSpec
 from lidit.platform.config import SpecError, load_spec
 
-LIMITS = Limits(max_n=4, min_size=16, max_size=64, size_multiple=8, default_width=32, default_height=24,
-                max_steps=30, default_steps=10, max_guidance=10.0, default_guidance=3.0, max_prompt_chars=50)
+LIMITS = LimitsSpec(max_n=4, min_size=16, max_size=64, max_steps=30, default_steps=10, max_guidance=10.0,
+                    default_guidance=3.0, max_prompt_chars=50)
+SHAPE = ImageShape(size_multiple=8, default_height=24, default_width=32)
 
 
 def error(body: bytes | dict) -> ApiError:
     with pytest.raises(ApiError) as caught:
         data = parse_json(body, 1000) if isinstance(body, bytes) else body
-        validate_request(data, LIMITS, random_seed=7)
+        validate_request(data, LIMITS, SHAPE, random_seed=7)
     return caught.value
 
 
 def test_defaults_come_from_the_model_and_the_spec():
-    gen = validate_request({"prompt": "  a red circle "}, LIMITS, random_seed=7)
+    gen = validate_request({"prompt": "  a red circle "}, LIMITS, SHAPE, random_seed=7)
     assert (gen.prompt, gen.n, gen.width, gen.height, gen.steps, gen.guidance, gen.seed) == (
         "a red circle", 1, 32, 24, 10, 3.0, 7)
     assert gen.response_format == "png" and gen.negative_prompt is None
     gen = validate_request({"prompt": "x", "n": 3, "seed": 5, "guidance": 1, "response_format": "b64_json",
-                            "negative_prompt": "blurry"}, LIMITS, random_seed=7)
+                            "negative_prompt": "blurry"}, LIMITS, SHAPE, random_seed=7)
     assert gen.seeds == [5, 6, 7] and gen.guidance == 1.0 and gen.negative_prompt == "blurry"
+    reported = describe_limits(LIMITS, SHAPE)
+    assert (reported["max_size"], reported["size_multiple"], reported["default_width"]) == (64, 8, 32)
 
 
 @pytest.mark.parametrize("body, status, field", [
@@ -82,12 +86,12 @@ def test_bearer_token_is_checked_against_its_digest_only():
 
 def test_serve_spec_rejects_what_serve_would_choke_on(tmp_path):
     spec = load_spec(ServeSpec)
-    assert spec.host == "127.0.0.1" and spec.model_uri == "models:/lidit@champion"
+    assert spec.host == "127.0.0.1" and spec.model == "models:/lidit@champion"
     with pytest.raises(SpecError, match="max_ongoing_requests"):
         load_spec(ServeSpec, None, ["denoiser.max_batch_size=8", "denoiser.max_ongoing_requests=4"])
     with pytest.raises(SpecError, match="limits.max_n"):
         load_spec(ServeSpec, None, ["limits.max_n=32"])
-    with pytest.raises(SpecError, match="model_uri"):
-        load_spec(ServeSpec, None, ["model_uri=lidit@champion"])
+    with pytest.raises(SpecError, match="model: models:/lidit: expected models:/NAME@ALIAS"):
+        load_spec(ServeSpec, None, ["model=models:/lidit"])
     with pytest.raises(SpecError, match="encoder.num_gpus"):
         load_spec(ServeSpec, None, ["encoder.num_gpus=-1"])

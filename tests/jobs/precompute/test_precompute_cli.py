@@ -5,7 +5,7 @@ import time
 
 import yaml
 
-from lidit.platform.cli import main
+from lidit.jobs.cli import main
 
 
 def write_spec(tmp_path, **fields):

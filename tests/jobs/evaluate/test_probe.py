@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lidit.jobs.probe import caption_pairs, format_rows, positional_bias
+from lidit.jobs.evaluate.probe import caption_pairs, format_rows, positional_bias
 from lidit.models import EncoderConfig, LiDiT, LLMPromptEncoder, lidit_config
 
 

@@ -31,7 +31,7 @@ def _slice(batch, part: slice):
 
 
 def _step(model, batch, drop: torch.Tensor, sharded_root=None) -> dict[str, torch.Tensor]:
-    from lidit.jobs import parallel
+    from lidit.jobs.train import parallelize as parallel
 
     x, t, text, target = batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # linear in the gradient: exact comparisons
@@ -46,7 +46,7 @@ def _step(model, batch, drop: torch.Tensor, sharded_root=None) -> dict[str, torc
 def _worker(rank: int, port: int, strategy: str, out: str) -> None:
     from safetensors.torch import save_file
 
-    from lidit.jobs import parallel
+    from lidit.jobs.train import parallelize as parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -7,19 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lidit.jobs.encoders import default_models_dir, resolve_encoders
-from lidit.models.encoders import PAPER_INSTRUCTION, EncoderConfig, LLMPromptEncoder
-from lidit.platform.cli import main
-from lidit.platform.config import EncoderSpec, SpecError
+from lidit.jobs.cli import main
+from lidit.jobs.precompute.presets import default_models_dir, resolve_encoders
+from lidit.models.encoders import PAPER_INSTRUCTION, LLMPromptEncoder
+from lidit.pipelines.stages import EncoderSpec
+from lidit.platform.config import SpecError
 
 
 def test_tiny_preset_builds_once(tmp_path):
     specs = resolve_encoders("tiny", tmp_path)
     assert [(s.name, s.use_chat_template) for s in specs] == [("tiny_llama", False), ("tiny_qwen2", True)]
     assert all(Path(s.path).is_relative_to(tmp_path) for s in specs)
-    first = [EncoderConfig(**s.model_fields_for_fingerprint()).fingerprint() for s in specs]
+    first = [s.fingerprint() for s in specs]
     again = resolve_encoders("tiny", tmp_path)
-    assert [EncoderConfig(**s.model_fields_for_fingerprint()).fingerprint() for s in again] == first
+    assert [s.fingerprint() for s in again] == first
 
 
 def test_names_lists_and_explicit_specs(tmp_path):
@@ -53,7 +54,7 @@ def test_real_preset_is_the_paper_pair(real_llms):
     ]
     pair = ["a red cube on the left of a blue ball", "a red cube on the left of a blue dog"]
     for spec in specs:
-        encoder = LLMPromptEncoder(EncoderConfig(**spec.model_fields_for_fingerprint()))
+        encoder = LLMPromptEncoder(spec.features())
         prefix = encoder.tokenizer.decode(encoder.prefix_ids)
         if spec.name == "smollm2":
             assert prefix.startswith("<|im_start|>system\n")

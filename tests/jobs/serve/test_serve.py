@@ -1,8 +1,9 @@
 """`lidit serve` on real Ray Serve (127.0.0.1, a free port), a real MLflow registry and real HTTP.
 
-Two applications share the Serve proxy: `/reg` serves `models:/<name>@champion` from the registry with
+Three applications share the Serve proxy: `/reg` serves `models:/<name>@champion` from the registry with
 bearer auth on (and the alias is moved under load), `/local` serves the newest local checkpoint with auth
-off and truncation of long prompts (and is driven from headless Chromium). The tiny checkpoints are
+off and truncation of long prompts (and is driven from headless Chromium), and `/unbatched` (the spec `lidit
+bench serve` compares against) serves a model trained here at 16 px. The other tiny checkpoints are
 random-init LI-DiT tiny with every weight jittered, so that the prompt reaches the image.
 """
 
@@ -32,24 +33,42 @@ PROMPT = "a red circle to the left of a blue square"
 
 def make_checkpoint(folder: Path, llms: dict[str, str], seed: int) -> str:
     """Tiny LI-DiT over the two tiny LLMs; weights jittered (zero-init gates would ignore the text)."""
-    from lidit.models import EncoderConfig, LiDiT, lidit_config, save_checkpoint
+    from lidit.models import CheckpointInfo, EncoderConfig, EncoderEntry, LiDiT, lidit_config, save_checkpoint
 
-    encoders = [{"name": "llama", **EncoderConfig(path=llms["tiny-llama"], max_tokens=24).to_dict()},
-                {"name": "qwen2", **EncoderConfig(path=llms["tiny-qwen2"], max_tokens=24).to_dict()}]
+    encoders = (EncoderEntry("llama", EncoderConfig(path=llms["tiny-llama"], max_tokens=24)),
+                EncoderEntry("qwen2", EncoderConfig(path=llms["tiny-qwen2"], max_tokens=24)))
     torch.manual_seed(seed)
     model = LiDiT(lidit_config("tiny"))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    save_checkpoint(str(folder), model, None, {"encoders": encoders, "codec": {"kind": "identity"}, "image_size": 32})
+    save_checkpoint(str(folder), model, None, CheckpointInfo(model.config, encoders, {"kind": "identity"}, (32, 32)))
     return str(folder)
+
+
+def train_at_16_px(root: Path, llms: dict[str, str]) -> str:
+    """A real `lidit train` run (2 steps, 1 worker) on 16 px shards: the folder of its checkpoints."""
+    from helpers import make_tiny_embeddings
+    from lidit.jobs.train.driver import train
+    from lidit.jobs.train.spec import TrainSpec
+
+    embeddings = make_tiny_embeddings(str(root / "embeddings-16"), llms, rows=16, size=16, files=2)
+    spec = TrainSpec.model_validate({
+        "name": "sixteen", "output": str(root / "runs-16"), "workdir": str(root / "work-16"),
+        "encoders": [{"name": "llama", "path": llms["tiny-llama"]}, {"name": "qwen", "path": llms["tiny-qwen2"]}],
+        "data": {"embeddings": embeddings, "batch_size": 4}, "train": {"steps": 2}, "samples": {"prompts": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}})
+    train(spec)
+    return spec.output
 
 
 @pytest.fixture(scope="module")
 def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
     from ray import serve as ray_serve
 
-    from lidit.jobs.serve import ServeSpec, serve_many
+    from lidit.jobs.bench import serve as bench_serve
+    from lidit.jobs.serve.deploy import serve_many
+    from lidit.jobs.serve.spec import ServeSpec
     from lidit.platform import registry
     from lidit.platform.config import load_spec
     from servers import free_port  # tests/servers.py (conftest puts tests/ on sys.path)
@@ -58,9 +77,11 @@ def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
     v1 = make_checkpoint(root / "v1", tiny_llms, seed=1)
     v2 = make_checkpoint(root / "v2", tiny_llms, seed=2)
     runs = root / "runs"
-    make_checkpoint(runs / "old" / "checkpoint_00000001", tiny_llms, seed=3)
+    # the newest is the last one written, whatever the run and step names say
+    make_checkpoint(runs / "b" / "checkpoint_00000009", tiny_llms, seed=3)
     time.sleep(0.05)
-    newest = make_checkpoint(runs / "new" / "checkpoint_00000002", tiny_llms, seed=4)
+    newest = make_checkpoint(runs / "a" / "checkpoint_00000001", tiny_llms, seed=4)
+    sixteen = train_at_16_px(root, tiny_llms)
     first = registry.register_checkpoint(mlflow_server, v1, name=MODEL, alias="champion")
     second = registry.register_checkpoint(mlflow_server, v2, name=MODEL, alias=None)
 
@@ -69,21 +90,37 @@ def apps(ray_local, mlflow_server, tiny_llms, tmp_path_factory):
     common = [f"port={port}", "poll_interval_s=1", "encoder.num_cpus=0", "denoiser.num_cpus=0", "ingress.num_cpus=0",
               "limits.max_steps=20", "limits.default_steps=4"]
     os.environ[TOKEN_ENV] = TOKEN
+    bench_args = bench_args_for(["--clients", "3", "--requests", "6", "--steps", "2", "--size", "16", "--json"])
+    unbatched_spec = bench_serve._spec(sixteen, "unbatched", port, 1, bench_args)
     try:
-        reg, local = serve_many([
+        reg, local, unbatched = serve_many([
             load_spec(ServeSpec, None, common + [
-                f"model_uri=models:/{MODEL}@champion", f"tracking.tracking_uri={mlflow_server}", "app_name=serve-reg",
+                f"model=models:/{MODEL}@champion", f"tracking.tracking_uri={mlflow_server}", "app_name=serve-reg",
                 "route_prefix=/reg", f"auth_token_env={TOKEN_ENV}"]),
             load_spec(ServeSpec, None, common + [
-                f"local={runs}", "app_name=serve-local", "route_prefix=/local", "auth_token_env=null",
-                "limits.long_prompt=truncate", "denoiser.batch_wait_timeout_s=0.2", "encoder.batch_wait_timeout_s=0.1"])])
-        yield {"reg": reg, "local": local, "v1": v1, "v2": v2, "first": first, "second": second,
-               "newest": newest, "tracking_uri": mlflow_server}
+                f"model={runs}", "app_name=serve-local", "route_prefix=/local", "auth_token_env=null",
+                "limits.long_prompt=truncate", "denoiser.batch_wait_timeout_s=0.2", "encoder.batch_wait_timeout_s=0.1"]),
+            unbatched_spec.model_copy(update={  # no CPU reserved: the test's Ray has 2
+                "ray": load_spec(ServeSpec, None, common).ray,
+                "denoiser": unbatched_spec.denoiser.model_copy(update={"num_cpus": 0})})])
+        yield {"reg": reg, "local": local, "unbatched": unbatched, "v1": v1, "v2": v2, "first": first,
+               "second": second, "newest": newest, "tracking_uri": mlflow_server, "bench_args": bench_args}
     finally:
         os.environ.pop(TOKEN_ENV, None)
-        for name in ("serve-reg", "serve-local"):
+        for name in ("serve-reg", "serve-local", "unbatched"):
             ray_serve.delete(name)
         ray_serve.shutdown()
+
+
+def bench_args_for(argv: list[str]):
+    import argparse
+
+    from lidit.jobs.bench import serve as bench_serve
+
+    parser = argparse.ArgumentParser()
+    bench_serve.add_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    return parser.parse_args(argv)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -182,7 +219,7 @@ def test_routing_errors_are_json_too(apps):
 def test_local_mode_serves_the_newest_checkpoint_without_auth(apps):
     url = apps["local"].url
     model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]
-    assert (model["name"], model["version"], model["uri"]) == ("local", "new/checkpoint_00000002", apps["newest"])
+    assert (model["name"], model["version"], model["uri"]) == ("local", "a/checkpoint_00000001", apps["newest"])
     long = post(url, {"prompt": " ".join(["red circle"] * 40), "seed": 1}, headers={})
     assert long.status_code == 200 and int(long.headers["X-Lidit-Truncated-Tokens"]) > 0
 
@@ -200,29 +237,33 @@ def test_concurrent_requests_share_a_denoiser_batch(apps):
     assert max(int(r.headers["X-Lidit-Batch-Images"]) for r in results) > 1
 
 
-def test_bench_serve_client_process_and_report_against_a_running_app(apps, capsys):
-    """`lidit bench serve`'s load generator (a separate process, closed loop) and its report, against the
-    local app; the bench's own two-app deployment is `serve_many` as in this module's fixture (a whole bench
-    run, deploys included, is a minute here: the figures are in docs/serving.md, not a timed test)."""
-    import argparse
+def test_a_model_trained_at_16_px_is_served_at_16_px_by_default(apps):
+    url = apps["unbatched"].url
+    model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]
+    assert model["image_size"] == [16, 16]
+    response = post(url, {"prompt": PROMPT, "seed": 3, "steps": 2}, {})
+    assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (16, 16)
 
-    from lidit.jobs import bench_serve
 
-    parser = argparse.ArgumentParser()
-    bench_serve.add_arguments(parser)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(["--clients", "3", "--requests", "6", "--steps", "2", "--size", "16", "--json"])
-    row = bench_serve._client_process(f"{apps['local'].url}/v1/images", 3, args)
-    assert (row["clients"], row["requests"], row["errors"]) == (3, 6, 0)
-    assert row["requests_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"] and 1 <= row["batch_mean"] <= row["batch_max"]
+def test_bench_serve_measures_and_reports_a_batched_and_an_unbatched_app(apps, capsys):
+    """`lidit bench serve`'s load generator (a separate process, closed loop) and its report, against a
+    batched app (/local) and the bench's own unbatched spec (/unbatched); the bench deploys its two apps with
+    `serve_many` as this module's fixture does (a whole bench run is a minute here: the figures are in
+    docs/serving.md, not a timed test)."""
+    from lidit.jobs.bench import serve as bench_serve
 
-    unbatched = bench_serve._spec(apps["newest"], "unbatched", 8000, 1, args)
-    assert {unbatched.encoder.max_batch_size, unbatched.denoiser.max_batch_size, unbatched.ingress.max_batch_size} == {1}
-    bench_serve._report([{"mode": "batched", **row}, {"mode": "unbatched", **row, "requests_per_s": row["requests_per_s"] / 2}],
-                        args, [3])
+    args = apps["bench_args"]
+    rows = bench_serve.measure({"batched": apps["local"].url, "unbatched": apps["unbatched"].url}, [3], args)
+    assert [(r["mode"], r["clients"], r["requests"], r["errors"]) for r in rows] == [
+        ("batched", 3, 6, 0), ("unbatched", 3, 6, 0)]
+    batched, unbatched = rows
+    assert unbatched["batch_max"] == 1, "the unbatched spec runs one image per forward"
+    assert all(r["requests_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"] for r in rows)
+    bench_serve.report(rows, args, [3])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "batched / unbatched requests/s at 3 clients: 2.00x" in lines
-    assert json.loads(lines[-1])["speedup_at_max_clients"] == pytest.approx(2.0)
+    ratio = batched["requests_per_s"] / unbatched["requests_per_s"]
+    assert f"batched / unbatched requests/s at 3 clients: {ratio:.2f}x" in lines
+    assert json.loads(lines[-1])["speedup_at_max_clients"] == pytest.approx(ratio)
 
 
 def test_alias_switch_is_picked_up_without_a_failed_request(apps):
@@ -284,8 +325,8 @@ def test_playground_in_headless_chromium(apps, tmp_path):
         page.click("#generate")
         page.wait_for_function("document.getElementById('status').textContent.includes('seed 7')", timeout=60000)
         assert page.text_content("#error") == ""
-        assert "new/checkpoint_00000002" in page.text_content("#model")
-        assert "version new/checkpoint_00000002" in page.text_content("#status")
+        assert "a/checkpoint_00000001" in page.text_content("#model")
+        assert "version a/checkpoint_00000001" in page.text_content("#status")
         page.screenshot(path=str(shot))
         image = page.locator("#image").screenshot()
         browser.close()

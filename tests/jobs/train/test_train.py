@@ -16,8 +16,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lidit.jobs.bench_train import make_tiny_embeddings
-from lidit.jobs.train import TrainSpec, latest_checkpoint, train
+from helpers import make_tiny_embeddings
+from lidit.jobs.train.driver import latest_checkpoint, train
+from lidit.jobs.train.spec import TrainSpec
 from lidit.platform import storage, tracking
 from lidit.platform.config import SpecError
 
@@ -56,7 +57,7 @@ def test_mismatched_encoder_is_refused_naming_both(tiny_llms, tiny_embeddings, t
 
 
 def test_bad_spec_fails_in_the_cli_with_the_field_named(tmp_path, capsys):
-    from lidit.platform.cli import main
+    from lidit.jobs.cli import main
 
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({"output": str(tmp_path), "encoders": [{"name": "a", "path": "x"}],
@@ -70,8 +71,8 @@ def test_bad_spec_fails_in_the_cli_with_the_field_named(tmp_path, capsys):
 @pytest.mark.parametrize("reader", ["v1", "v2"])
 def test_a_data_pass_holds_every_row_once_per_epoch_with_either_parquet_reader(ray_local, tiny_llms, tiny_embeddings,
                                                                               tmp_path, reader, monkeypatch):
-    from lidit.jobs.train import build_dataset
-    from lidit.pipelines.shards import open_embeddings
+    from lidit.jobs.train.driver import build_dataset
+    from lidit.pipelines.embeddings import open_embeddings
 
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # V2's default starts 32 processes per read
     spec = make_spec(tiny_llms, tiny_embeddings, str(tmp_path / "out"), str(tmp_path), data={"parquet_reader": reader})
@@ -142,33 +143,34 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     from lidit.models import load_checkpoint
 
     folder = latest_checkpoint(longer)
-    model, config = load_checkpoint(folder)
+    model, info = load_checkpoint(folder)
     assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 16
-    assert [e["fingerprint"] for e in config["encoders"]] == [e.fingerprint for e in _encoders(tiny_embeddings)]
-    assert model.config.encoder_dims == [64, 96]
-    assert config["schedule"] == {"num_steps": 1000, "kind": spec.diffusion.kind, "beta_start": 1e-4, "beta_end": 0.02}
+    assert [e.config.fingerprint() for e in info.encoders] == [e.fingerprint for e in _encoders(tiny_embeddings)]
+    assert model.config.encoder_dims == [64, 96] and info.image_size == (32, 32)
+    assert info.schedule == {"num_steps": 1000, "kind": spec.diffusion.kind, "beta_start": 1e-4, "beta_end": 0.02}
 
 
 def test_checkpoints_record_the_diffusion_schedule_they_were_trained_with(tiny_embeddings, tmp_path):
     """Evaluation and serving sample with the checkpoint's schedule: a cosine-trained model sampled
     with the default linear one would be scored on the wrong noise levels."""
-    from lidit.jobs.train import DiffusionSpec, checkpoint_metadata
-    from lidit.models import DiffusionSchedule, LiDiT, lidit_config, save_checkpoint
+    from lidit.jobs.train.driver import checkpoint_info, model_config
+    from lidit.models import DiffusionSchedule, LiDiT, save_checkpoint
     from lidit.models.generate import TextToImagePipeline
-    from lidit.pipelines.shards import open_embeddings
+    from lidit.pipelines.embeddings import open_embeddings
 
     dataset = open_embeddings(tiny_embeddings)
-    metadata = checkpoint_metadata(dataset, DiffusionSpec(num_steps=500, kind="cosine"))
-    assert metadata["schedule"]["kind"] == "cosine" and metadata["schedule"]["num_steps"] == 500
-    model = LiDiT(lidit_config("tiny", encoder_dims=[e.hidden_size for e in dataset.encoders], in_channels=3))
-    save_checkpoint(str(tmp_path / "ckpt"), model, None, metadata)
+    spec = make_spec({"tiny-llama": "x", "tiny-qwen2": "y"}, tiny_embeddings, str(tmp_path), str(tmp_path),
+                     diffusion={"num_steps": 500, "kind": "cosine"})
+    info = checkpoint_info(spec, dataset, model_config(spec, dataset))
+    assert info.schedule["kind"] == "cosine" and info.schedule["num_steps"] == 500
+    save_checkpoint(str(tmp_path / "ckpt"), LiDiT(info.model), None, info)
     schedule = TextToImagePipeline.from_checkpoint(str(tmp_path / "ckpt")).schedule
     expected = DiffusionSchedule(500, "cosine")
     assert schedule.kind == "cosine" and torch.equal(schedule.alphas_cumprod, expected.alphas_cumprod)
 
 
 def _encoders(uri: str):
-    from lidit.pipelines.shards import open_embeddings
+    from lidit.pipelines.embeddings import open_embeddings
 
     return open_embeddings(uri).encoders
 
@@ -176,7 +178,7 @@ def _encoders(uri: str):
 def test_ema_warms_up_so_short_runs_are_not_their_initial_weights():
     from torch import nn
 
-    from lidit.jobs.train_loop import EMA
+    from lidit.jobs.train.ema import EMA
 
     model = nn.Linear(2, 2, bias=False)
     nn.init.zeros_(model.weight)

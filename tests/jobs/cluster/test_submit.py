@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from lidit.platform import submission
-from lidit.platform.cli import main
+from lidit.jobs.cli import main
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -197,7 +197,7 @@ def test_address_must_be_the_dashboard_url(capsys):
 def _probe(cluster: submission.Cluster, ship_code: bool) -> dict[str, str]:
     """Where the job's lidit code comes from and what its working directory holds."""
     probe = "import lidit.jobs, os; print('CODE', lidit.jobs.__file__); print('CWD', sorted(os.listdir()))"
-    job_id = submission.submit(cluster, "probe", "answer: 42\n", ship_code=ship_code, command=f'python -c "{probe}"')
+    job_id = submission.submit(cluster, "probe", f'python -c "{probe}"', "answer: 42\n", ship_code=ship_code)
     assert submission.wait(cluster, job_id, timeout_s=120) == "SUCCEEDED"
     return dict(line.split(" ", 1) for line in submission.logs(cluster, job_id).splitlines()
                 if line.startswith(("CODE ", "CWD ")))
@@ -219,8 +219,8 @@ def test_the_job_runs_the_shipped_code_or_the_installed_one(ray_head):
 def test_make_shapes_job_succeeds_and_lists(ray_head, tmp_path, capsys):
     cluster = connect(ray_head)
     out_dir = tmp_path / "shapes"
-    job_id = submission.submit(cluster, "data", None, command=(
-        f"python -m lidit.platform.cli data make-shapes {out_dir} --train 16 --heldout 8 --shard-size 8"))
+    job_id = submission.submit(cluster, "data", (
+        f"python -m lidit.jobs.cli data make-shapes {out_dir} --train 16 --heldout 8 --shard-size 8"), None)
     code, out, _ = lidit(capsys, *on(ray_head, "jobs", "logs", job_id, "--follow"))
     assert code == 0 and f"{job_id}: SUCCEEDED" in out
     assert sorted(p.name for p in out_dir.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
@@ -244,7 +244,7 @@ class _Lines(io.StringIO):
 def test_logs_stream_while_the_job_runs_and_stop_works(ray_head, capsys):
     cluster = connect(ray_head)
     ticker = "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.2)"
-    job_id = submission.submit(cluster, "ticker", None, command=f"python -c {shlex.quote(ticker)}")
+    job_id = submission.submit(cluster, "ticker", f"python -c {shlex.quote(ticker)}", None)
     streamed = _Lines()
     result: list[str] = []
     follower = threading.Thread(target=lambda: result.append(submission.follow(cluster, job_id, out=streamed)))
@@ -323,11 +323,11 @@ def test_precompute_then_train_reach_succeeded(ray_head, tiny_llms, shapes_data,
     assert checkpoints and (checkpoints[-1].parent / "config.yaml").is_file()
 
 
-def test_a_job_without_a_module_or_a_spec_class_is_refused_here():
-    from lidit.jobs.submit import spec_class
-    from lidit.platform.config import LiditError
+def test_a_job_without_a_command_or_a_spec_is_refused_here():
+    from lidit.jobs.commands import spec_class
+    from lidit.platform.config import SpecError
 
-    with pytest.raises(LiditError, match="unknown job 'nosuchjob': this lidit has no lidit.jobs.nosuchjob module"):
+    with pytest.raises(SpecError, match="unknown job 'nosuchjob'"):
         spec_class("nosuchjob")
-    with pytest.raises(LiditError, match=r"job 'data_cmd' takes no spec file \(lidit.jobs.data_cmd has no SPEC\)"):
-        spec_class("data_cmd")
+    with pytest.raises(SpecError, match="job 'data' takes no spec file"):
+        spec_class("data")
