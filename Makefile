@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 EXTRAS ?= dev
 
-.PHONY: install system-deps test demo
+.PHONY: install system-deps test test-fast demo
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ system-deps:
 
 test: system-deps install
 	$(PY) -m pytest
+
+# the inner loop: every test not marked slow (a few minutes)
+test-fast: system-deps install
+	$(PY) -m pytest -m "not slow"
 
 demo:
 	$(MAKE) install EXTRAS=real-llms

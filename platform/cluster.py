@@ -35,12 +35,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if address == "local":
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
         kwargs["num_cpus"] = num_cpus
-        # Ray kills idle workers above a soft limit (default: the node's CPU count) after 1 s. On a small
-        # machine the long-lived actors (encoders, codec, train workers) already exceed it, so every short
-        # task (shard reads, Parquet writes) started a fresh worker and paid its imports again (~5 s of
-        # CPU for torch + transformers + Ray Data here): precompute on 2 cores went 34 -> 40 captions/s.
+        # Ray kills idle workers above a soft limit (default: the node's CPU count). On a small machine the
+        # long-lived actors (encoders, codec, train workers) already exceed it, so every short task (shard
+        # reads, Parquet writes) would start a fresh worker and pay its imports again; +16 leaves room for the
+        # precompute stages and Ray Data's own actors (docs/precompute.md, "worker soft limit").
         cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
-        # (+16: the precompute stages plus Ray Data's own actors, with room; measured with this value)
         kwargs.setdefault("_system_config", {"num_workers_soft_limit": max(int(cpus), 1) + 16})
     log.info("starting Ray (address=%s)", address)
     ray.init(address=address, **{k: v for k, v in kwargs.items() if v is not None})

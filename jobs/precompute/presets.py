@@ -4,7 +4,7 @@
   instruction-tuned and one base LLM (LI-DiT Sec. 4.3, "+ instruction"): SmolLM2-135M-Instruct
   gets the paper's instruction inside its chat template, Gemma-3-270M (base) as a plain prefix
   after its BOS token. Both give `hidden_states[-3]`, computed in bfloat16 (the weights are stored
-  in bf16, and on this CPU as on a GPU bf16 is ~1.9x faster than float32).
+  in bf16, and on this CPU as on a GPU bf16 is the fast path: docs/real_llms.md).
 - `tiny`: two tiny random Llama/Qwen2 LLMs built offline in a second, for fast tests and smoke runs.
 
 The models are built or imported into `models_dir` on first use (`lidit models import-bundled`

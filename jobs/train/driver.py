@@ -167,7 +167,7 @@ def data_config(spec: TrainSpec):
 
 def train(spec: TrainSpec) -> TrainResult:
     """Train (or resume) the run named by `spec.name`; returns where its final checkpoint is."""
-    from lidit.pipelines.shards import open_embeddings
+    from lidit.pipelines.embeddings import open_embeddings
     from lidit.platform import tracking
     from lidit.platform.cluster import init_ray
 

@@ -73,7 +73,7 @@ class Trainer:
         import ray.train
         import ray.train.torch
 
-        from lidit.pipelines.shards import make_collate_fn, open_embeddings
+        from lidit.pipelines.embeddings import make_collate_fn, open_embeddings
 
         self.spec = spec = TrainSpec.model_validate(config["spec"])
         self.config, self.info = config, CheckpointInfo.from_config(config["checkpoint"])

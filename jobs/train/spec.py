@@ -63,9 +63,8 @@ class DataSpec(Spec):
     shuffle_files: bool = True
     local_shuffle_buffer: int = Field(0, ge=0, description="rows in the per-worker shuffle buffer; 0 = off")
     # Ray 2.60's default Parquet reader (datasource V2) lists the files of each read in a task that starts
-    # 32 footer-reader actors, each a new Python process: with one read per epoch in a pass, a 6-step tiny
-    # run on 2 cores waited 43 s for its first batch (V1, which reads the footers in the driver: 8 s).
-    # V2 is for many files on a large cluster.
+    # footer-reader actors, each a new Python process, once per epoch in a pass: slow to start on a small
+    # machine (docs/train.md, "Parquet reader"). V2 is for many files on a large cluster.
     parquet_reader: Literal["v1", "v2"] = Field("v1", description="Ray Data Parquet datasource version")
     # Ray Data hands out blocks as they finish, so two runs of one spec see the same rows in a different
     # order (and end with different weights). On: blocks in read order, so runs of one seed are comparable

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from lidit.jobs import bench_model
+from lidit.jobs.bench import model as bench_model
 
 
 def test_bench_model_prints_a_table_and_json(capsys):

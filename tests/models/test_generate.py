@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from lidit.models import EncoderConfig, IdentityCodec, LiDiT, lidit_config, save_checkpoint
+from lidit.models import CheckpointInfo, EncoderConfig, EncoderEntry, IdentityCodec, LiDiT, lidit_config, save_checkpoint
 from lidit.models.generate import TextToImagePipeline
 
 
@@ -15,13 +15,11 @@ def checkpoint(tiny_llms, tmp_path_factory):
     model = LiDiT(lidit_config("tiny", encoder_dims=[64, 96]))
     for p in model.parameters():  # a random model with non-zero adaLN gates, so text matters
         p.data.add_(0.02 * torch.randn_like(p))
-    # as training writes it: flat encoder fields + name + stored dtype, the latent image shape
-    encoders = [{"name": "tiny_llama", "stored_dtype": "float16",
-                 **EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False).to_dict()},
-                {"name": "tiny_qwen2", "stored_dtype": "bfloat16", **EncoderConfig(tiny_llms["tiny-qwen2"]).to_dict()}]
+    encoders = (EncoderEntry("tiny_llama", EncoderConfig(tiny_llms["tiny-llama"], use_chat_template=False), "float16"),
+                EncoderEntry("tiny_qwen2", EncoderConfig(tiny_llms["tiny-qwen2"]), "bfloat16"))
     folder = tmp_path_factory.mktemp("ckpt") / "step_000000"
-    save_checkpoint(str(folder), model, model, {"encoders": encoders, "codec": IdentityCodec().config(),
-                                                "image_shape": [3, 16, 16], "schedule": {"num_steps": 100}})
+    info = CheckpointInfo(model.config, encoders, IdentityCodec().config(), (16, 16), {"num_steps": 100})
+    save_checkpoint(str(folder), model, model, info)
     return str(folder)
 
 

@@ -78,7 +78,8 @@ def test_cli_make_shapes(tmp_path, s3_server):
     assert json.loads(out.stdout)["train"]["shards"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     bad = subprocess.run([lidit, "data", "make-shapes", str(tmp_path / "e"), "--train", "0"], capture_output=True,
                          text=True)
-    assert bad.returncode == 1 and bad.stderr.strip() == "lidit data: --train must be at least 1"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "lidit data: bad spec: make-shapes: train: Input should be greater than 0"
     uri = s3_server.bucket("shapes") + "/v1"
     subprocess.run([lidit, "data", "make-shapes", uri, "--train", "8", "--heldout", "2"], check=True,
                    capture_output=True)
