@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lidit.pipelines import shards
 from lidit.pipelines.embeddings import open_embeddings
 from lidit.pipelines.shapes import ShapesSpec, write_shapes
 

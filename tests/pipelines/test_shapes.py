@@ -17,7 +17,7 @@ def test_deterministic_by_seed(tmp_path):
     assert a == b
     for name in a["splits"]["train"]["shards"] + a["splits"]["heldout"]["shards"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    c = write_shapes(str(tmp_path / "c"), ShapesSpec(train=40, heldout=8, shard_size=16, seed=4))
+    write_shapes(str(tmp_path / "c"), ShapesSpec(train=40, heldout=8, shard_size=16, seed=4))
     assert (tmp_path / "c" / "train-000000.tar").read_bytes() != (tmp_path / "a" / "train-000000.tar").read_bytes()
 
 
