@@ -14,6 +14,7 @@ import torch
 
 from lidit.models.checkpoint import load_checkpoint
 from lidit.models.codecs import IdentityCodec, ImageCodec, codec_from_config
+from lidit.models.cpu_kernels import apply_cpu_kernels
 from lidit.models.diffusion import DiffusionSchedule, sample
 from lidit.models.encoders import DTYPES, EncoderConfig, LLMPromptEncoder, PromptFeatures, folder_revision
 from lidit.models.lidit import LiDiT
@@ -88,6 +89,7 @@ class TextToImagePipeline:
         """Load a checkpoint folder; each encoder comes from the path recorded in config.yaml, or from
         `encoder_paths[name]` (a local folder that must hold the same model files: same revision)."""
         model, config = load_checkpoint(folder, use_ema=use_ema, device=device)
+        apply_cpu_kernels(model)  # CPU float32 inference: oneDNN GEMMs with the GELU fused (docs/models.md)
         entries = encoder_entries(config)
         unknown = sorted(set(encoder_paths or {}) - {name for name, _, _ in entries})
         if unknown:
