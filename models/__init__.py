@@ -9,6 +9,7 @@ from lidit.models.checkpoint import (
     save_checkpoint,
 )
 from lidit.models.codecs import IdentityCodec, ImageCodec, VAECodec, codec_from_config
+from lidit.models.cpu_kernels import apply_cpu_kernels
 from lidit.models.diffusion import DiffusionSchedule, diffusion_loss, sample
 from lidit.models.encoders import (
     PAPER_INSTRUCTION,
@@ -18,6 +19,7 @@ from lidit.models.encoders import (
     PromptFeatures,
     join_prefix,
 )
+from lidit.models.flops import count_flops, flops_per_image
 from lidit.models.lidit import LiDiT, LiDiTBlock
 from lidit.models.presets import PRESETS, LiDiTConfig, lidit_config
 from lidit.models.refiners import CollaborativeRefiner, LinguisticTokenRefiner
@@ -40,8 +42,11 @@ __all__ = [
     "LinguisticTokenRefiner",
     "PromptFeatures",
     "VAECodec",
+    "apply_cpu_kernels",
     "codec_from_config",
+    "count_flops",
     "diffusion_loss",
+    "flops_per_image",
     "join_prefix",
     "lidit_config",
     "load_checkpoint",

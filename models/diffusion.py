@@ -2,7 +2,7 @@
 
 The paper states DDPM epsilon-prediction; schedule, sampler, steps, CFG scale and text dropout are
 OPEN. Defaults here: the DDPM linear schedule (T = 1000, 1e-4 .. 0.02), DDIM with eta = 0 and
-trailing timesteps, guidance 4.0, text dropout from the model config (0.1).
+trailing timesteps, guidance 4.0, text dropout 0.1 (`LiDiTConfig.text_dropout`).
 """
 
 from __future__ import annotations
@@ -53,22 +53,21 @@ class DiffusionSchedule:
 
 
 def diffusion_loss(
-    model, x0: torch.Tensor, text: list[PromptFeatures], schedule: DiffusionSchedule,
-    generator: torch.Generator | None = None, text_dropout: float | None = None,
+    model, x0: torch.Tensor, text: list[PromptFeatures], schedule: DiffusionSchedule, *, text_dropout: float,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """MSE between the true and predicted noise at uniform random timesteps (DDPM, LI-DiT Sec. 3).
 
-    Captions are replaced by the learned null caption with probability `text_dropout` (default:
-    the model config's), so one model serves the conditional and unconditional branches of CFG."""
+    The model replaces each caption by its learned null caption with probability `text_dropout`, so one
+    model serves the conditional and unconditional branches of CFG. Pass `config.text_dropout`: the rate
+    is an argument because `model` may be a DDP or FSDP wrapper. At 0 the null caption stays out of the
+    forward (DDP then needs `find_unused_parameters`)."""
     batch = x0.shape[0]
     device = x0.device
     t = torch.randint(0, schedule.num_steps, (batch,), generator=generator, device="cpu").to(device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=x0.dtype)
-    dropout = model.config.text_dropout if text_dropout is None else text_dropout
-    if dropout > 0:
-        drop = (torch.rand(batch, generator=generator) < dropout).to(device)
-        text = model.drop_text(text, drop)
-    prediction = model(schedule.add_noise(x0, noise, t), t, text)
+    drop = (torch.rand(batch, generator=generator) < text_dropout).to(device) if text_dropout > 0 else None
+    prediction = model(schedule.add_noise(x0, noise, t), t, text, drop_caption=drop)
     return F.mse_loss(prediction.float(), noise.float())
 
 
@@ -103,13 +102,19 @@ def timesteps(schedule: DiffusionSchedule, steps: int) -> list[int]:
 def sample(
     model, text: list[PromptFeatures], schedule: DiffusionSchedule, shape: tuple[int, int, int, int],
     steps: int = 20, guidance: float = 4.0, seed: int | list[int] = 0,
-    negative_text: list[PromptFeatures] | None = None, clip_x0: float | None = None,
+    negative_text: list[PromptFeatures] | None = None, null_negative: torch.Tensor | None = None,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) with classifier-free guidance against the learned null caption
-    (or `negative_text`). Sample i starts from noise seeded by seeds[i] (seed + i for an int), so
-    an image does not depend on the rest of the batch and the same seed gives the same bits.
-    `clip_x0` clamps each step's clean estimate to [-clip_x0, clip_x0] (1.0 for pixel codecs, as
-    DDPM does) and re-derives the noise from it."""
+    """Deterministic DDIM (eta = 0) with classifier-free guidance. Sample i starts from noise seeded
+    by seeds[i] (seed + i for an int), so an image does not depend on the rest of the batch and the
+    same seed gives the same bits.
+
+    The unconditional branch is the learned null caption for every row, or `negative_text` (one row
+    per sample, same `caption_start`s); with `null_negative` [B] bool, rows where it is true take the
+    null caption instead, after their `text` row's instruction (their `negative_text` row is ignored:
+    a batch that mixes requests with and without a negative prompt). `clip_x0` clamps each step's
+    clean estimate to [-clip_x0, clip_x0] (1.0 for pixel codecs, as DDPM does) and re-derives the
+    noise from it."""
     batch = shape[0]
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -118,14 +123,26 @@ def sample(
         raise ValueError(f"seed: {len(seeds)} seeds for a batch of {batch}")
     noise = [torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
     x = torch.stack(noise).to(device=device, dtype=dtype)
-    guided = guidance != 1.0
+    guided, drop = guidance != 1.0, None
     if guided:
-        uncond = negative_text if negative_text is not None else model.null_prompts(text)
-        text = _cat_prompts(text, uncond)
+        if negative_text is None:
+            negative_text, null_negative = text, torch.ones(batch, dtype=torch.bool)
+        if negative_text[0].states.shape[0] != batch:
+            raise ValueError(f"negative_text: {negative_text[0].states.shape[0]} rows for a batch of {batch}")
+        text = _cat_prompts(text, negative_text)
+        if null_negative is not None:
+            if null_negative.shape != (batch,):
+                raise ValueError(f"null_negative: shape {tuple(null_negative.shape)}, expected ({batch},)")
+            null_negative = null_negative.to(device=device, dtype=torch.bool)
+            # a null row takes its own text row (that instruction prefix), whose caption the model replaces
+            rows = torch.arange(batch, device=device)
+            rows = torch.cat([rows, torch.where(null_negative, rows, rows + batch)])
+            text = [PromptFeatures(f.states[rows], f.mask[rows], f.caption_start) for f in text]
+            drop = torch.cat([torch.zeros_like(null_negative), null_negative])
     plan = timesteps(schedule, steps)
     for i, t in enumerate(plan):
         t_batch = torch.full((x.shape[0] * (2 if guided else 1),), t, device=device, dtype=torch.long)
-        eps = model(torch.cat([x, x]) if guided else x, t_batch, text).to(dtype)
+        eps = model(torch.cat([x, x]) if guided else x, t_batch, text, drop_caption=drop).to(dtype)
         if guided:
             cond, uncond_eps = eps.chunk(2)
             eps = uncond_eps + guidance * (cond - uncond_eps)

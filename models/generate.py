@@ -15,6 +15,7 @@ import torch
 
 from lidit.models.checkpoint import load_checkpoint
 from lidit.models.codecs import IdentityCodec, ImageCodec, codec_from_config
+from lidit.models.cpu_kernels import apply_cpu_kernels
 from lidit.models.diffusion import DiffusionSchedule, sample
 from lidit.models.encoders import DTYPES, LLMPromptEncoder, PromptFeatures, folder_revision
 from lidit.models.lidit import LiDiT
@@ -49,6 +50,7 @@ class TextToImagePipeline:
         """Load a checkpoint folder; each encoder comes from the path recorded in config.yaml, or from
         `encoder_paths[name]` (a local folder that must hold the same model files: same revision)."""
         model, info = load_checkpoint(folder, use_ema=use_ema, device=device)
+        apply_cpu_kernels(model)  # CPU float32 inference: oneDNN GEMMs with the GELU fused (docs/models.md)
         unknown = sorted(set(encoder_paths or {}) - {e.name for e in info.encoders})
         if unknown:
             raise ValueError(f"encoder_paths.{unknown[0]}: the checkpoint has no encoder of that name")

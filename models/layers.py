@@ -1,4 +1,6 @@
-"""Building blocks shared by the refiners and the LI-DiT backbone (DiT style, fused projections)."""
+"""Building blocks shared by the refiners and the LI-DiT backbone (DiT style, fused projections).
+
+Plain `nn.Linear` and GELU; CPU kernels are applied to a built model by `cpu_kernels`."""
 
 from __future__ import annotations
 
@@ -7,76 +9,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-# CPU float32 linears go through oneDNN's JIT GEMM (the kernel PyTorch already uses for bfloat16
-# matmuls and for convolutions) rather than the BLAS sgemm that `F.linear` calls: on AMD EPYC,
-# MKL's sgemm runs its AVX2 code path, and oneDNN's AVX-512 GEMM was 2.3x faster here (250 vs
-# 110 GFLOP/s per core, `lidit bench model`, docs/models.md). Same float32 arithmetic.
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_ONEDNN_MIN_MACS = 1 << 18  # below this a GEMM is too small for the switch to pay
-
-
-def _onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias for strided CPU float32 tensors (no copies for transposed views)."""
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_matmul(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        return _linear_grads(ctx, x, weight, grad)
-
-
-def _linear_grads(ctx, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
-    """Input, weight and bias gradients of x @ weight.T + bias for the output gradient `grad`."""
-    grad_x = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _onednn_matmul(grad, weight.t())
-    rows = grad.reshape(-1, grad.shape[-1])
-    if ctx.needs_input_grad[1]:
-        # oneDNN copies a transposed first operand: transpose the cheaper side
-        inputs = x.reshape(-1, x.shape[-1])
-        (count, features), outputs = inputs.shape, rows.shape[1]
-        if count * outputs <= count * features + features * outputs:
-            grad_weight = _onednn_matmul(rows.t(), inputs.t())
-        else:
-            grad_weight = _onednn_matmul(inputs.t(), rows.t()).t().contiguous()
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = rows.sum(0)
-    return grad_x, grad_weight, grad_bias
-
-
-def use_onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True where `linear` takes the oneDNN path: eager CPU float32, no autocast, a GEMM big enough."""
-    return (
-        _ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-        and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS
-        and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-    )
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, computed by oneDNN on CPU float32 (see above)."""
-    if not use_onednn_linear(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn_matmul(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and state-dict keys) computed by `linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -102,13 +34,13 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.cross = context_dim is not None
         if self.cross:
-            self.q = Linear(dim, dim)
-            self.kv = Linear(context_dim, 2 * dim)
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(context_dim, 2 * dim)
         else:
-            self.qkv = Linear(dim, 3 * dim)
+            self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -131,8 +63,9 @@ def attention_mask(mask: torch.Tensor | None, causal: bool = False) -> torch.Ten
 
     None when every key is valid: SDPA then takes its unmasked path (and `causal` its is_causal
     flag), which gives the same output as an all-true mask. Otherwise a boolean [B, 1, 1, M]
-    mask, or [B, 1, M, M] with `causal` (queries = keys)."""
-    if mask is None or bool(mask.all()):
+    mask, or [B, 1, M, M] with `causal` (queries = keys). On the meta device (FLOP counting, where
+    values are unknown) the mask is always built."""
+    if mask is None or (mask.device.type != "meta" and bool(mask.all())):
         return None
     # a row with no valid key would give NaN: let it see everything (its output is unused)
     mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
@@ -141,32 +74,18 @@ def attention_mask(mask: torch.Tensor | None, causal: bool = False) -> torch.Ten
     return mask
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                approximate: str = "tanh") -> torch.Tensor:
-    """`F.gelu(linear(x, weight, bias), approximate=approximate)`; without autograd on CPU float32 the
-    GELU is fused into oneDNN's GEMM as a post-op.
-
-    PyTorch's CPU tanh (so the tanh GELU) is not vectorised in this build: 3.9 ms for a [8192, 256]
-    GELU against 1.1 ms for the GEMM before it, single thread; fused, both take 1.6 ms, and the tiny
-    LiDiT's batch-32 forward goes from 119 to 74 ms (sampling, evaluation, serving). Training keeps the
-    separate GELU: a fused forward needs the pre-activation again for the backward, which cost more
-    than it saved here."""
-    if use_onednn_linear(x, weight) and not (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], approximate)
-    return F.gelu(linear(x, weight, bias), approximate=approximate)
-
-
 class MLP(nn.Module):
-    def __init__(self, dim: int, mlp_ratio: float, approximate: str = "tanh") -> None:
+    """Linear -> GELU -> Linear; `approximate` is F.gelu's: "tanh" or "none" (exact erf)."""
+
+    def __init__(self, dim: int, mlp_ratio: float, approximate: str) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
-        self.approximate = approximate  # F.gelu's: "tanh" or "none" (erf); LiDiT sets it from its config
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class TimestepEmbedder(nn.Module):
@@ -175,7 +94,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, frequency_dim: int = 256) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(Linear(frequency_dim, dim), nn.SiLU(), Linear(dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_dim // 2
@@ -183,21 +102,3 @@ class TimestepEmbedder(nn.Module):
         args = t.float()[:, None] * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))
-
-
-def zero_init(linear: nn.Linear) -> nn.Linear:
-    """Mark a gate/modulation/output layer to start at zero (adaLN-Zero); see `init_weights`."""
-    linear.zero_init = True
-    return linear
-
-
-def init_weights(module: nn.Module) -> None:
-    """DiT initialisation: Xavier-uniform linears with zero bias; marked layers all zero."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            if getattr(layer, "zero_init", False):
-                nn.init.zeros_(layer.weight)
-            else:
-                nn.init.xavier_uniform_(layer.weight)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)

@@ -9,13 +9,14 @@ size) work. Predicts epsilon.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lidit.models.encoders import PromptFeatures
-from lidit.models.layers import MLP, Attention, Linear, TimestepEmbedder, attention_mask, init_weights, masked_mean, modulate, zero_init
+from lidit.models.layers import MLP, Attention, TimestepEmbedder, attention_mask, masked_mean, modulate
 from lidit.models.presets import LiDiTConfig
 from lidit.models.refiners import CollaborativeRefiner, LinguisticTokenRefiner, concat_captions
 
@@ -38,15 +39,17 @@ class ConvPositionBlock(nn.Module):
 class LiDiTBlock(nn.Module):
     """Self-attention -> cross-attention to text -> FFN, each with adaLN-Zero (shift, scale, gate)."""
 
-    def __init__(self, width: int, heads: int, text_dim: int, mlp_ratio: float, qk_norm: bool = True) -> None:
+    def __init__(
+        self, width: int, heads: int, text_dim: int, mlp_ratio: float, gelu: str, qk_norm: bool = True
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(width, heads, context_dim=text_dim, qk_norm=qk_norm)
         self.norm3 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(width, mlp_ratio)
-        self.adaLN_modulation = zero_init(Linear(width, 9 * width))
+        self.mlp = MLP(width, mlp_ratio, gelu)
+        self.adaLN_modulation = nn.Linear(width, 9 * width)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -63,8 +66,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, patch_size: int, channels: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = zero_init(Linear(width, 2 * width))
-        self.linear = zero_init(Linear(width, patch_size * patch_size * channels))
+        self.adaLN_modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, patch_size * patch_size * channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -83,29 +86,53 @@ class LiDiT(nn.Module):
         self.text_t_embedder = TimestepEmbedder(cfg.text_dim)
         depth = cfg.refiner_depth if cfg.use_refiner else 0
         self.token_refiners = nn.ModuleList([
-            LinguisticTokenRefiner(dim, cfg.text_dim, cfg.text_heads, depth, cfg.mlp_ratio, cfg.refiner_causal, cfg.qk_norm)
+            LinguisticTokenRefiner(dim, cfg.text_dim, cfg.text_heads, depth, cfg.mlp_ratio, cfg.refiner_causal,
+                                   cfg.qk_norm, gelu=cfg.gelu)
             for dim in cfg.encoder_dims
         ])
         self.collaborative_refiner = (
-            CollaborativeRefiner(cfg.text_dim, cfg.text_heads, len(cfg.encoder_dims), cfg.mlp_ratio, cfg.qk_norm)
+            CollaborativeRefiner(cfg.text_dim, cfg.text_heads, len(cfg.encoder_dims), cfg.mlp_ratio, cfg.qk_norm,
+                                 gelu=cfg.gelu)
             if cfg.use_collaborative else None
         )
         self.text_pool = (
-            nn.Sequential(Linear(cfg.text_dim, cfg.width), nn.SiLU(), Linear(cfg.width, cfg.width))
+            nn.Sequential(nn.Linear(cfg.text_dim, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
             if cfg.pooled_text == "refined" else None
         )
         # Learned null caption per encoder (one token in LLM-feature space) for CFG and text dropout.
-        self.null_text = nn.ParameterList([nn.Parameter(torch.randn(dim)) for dim in cfg.encoder_dims])
+        self.null_text = nn.ParameterList([nn.Parameter(torch.empty(dim)) for dim in cfg.encoder_dims])
         self.blocks = nn.ModuleList(
-            [LiDiTBlock(cfg.width, cfg.heads, cfg.text_dim, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth)]
+            [LiDiTBlock(cfg.width, cfg.heads, cfg.text_dim, cfg.mlp_ratio, cfg.gelu, cfg.qk_norm)
+             for _ in range(cfg.depth)]
         )
         self.final_layer = FinalLayer(cfg.width, cfg.patch_size, cfg.in_channels)
-        for module in self.modules():  # refiners' and blocks' MLPs alike
-            if isinstance(module, MLP):
-                module.approximate = cfg.gelu
-        init_weights(self)
-        nn.init.xavier_uniform_(self.x_embedder.weight.view(cfg.width, -1))
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: Xavier-uniform linears (and patch embedding) with zero bias, a unit-normal
+        null caption, and adaLN-Zero: every gate, modulation and the output layer start at zero, so a
+        fresh model is the identity in each residual branch and predicts zero noise."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.config.width, -1))
         nn.init.zeros_(self.x_embedder.bias)
+        for null in self.null_text:
+            nn.init.normal_(null)
+        for layer in self.adaln_zero_layers():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def adaln_zero_layers(self) -> Iterator[nn.Linear]:
+        """The layers adaLN-Zero starts at zero: refiner gates, modulations, the output layer."""
+        for refiner in self.token_refiners:
+            yield from (block.gate for block in refiner.blocks)
+        if self.collaborative_refiner is not None:
+            yield from (block.modulation for block in self.collaborative_refiner.blocks)
+        yield from (block.adaLN_modulation for block in self.blocks)
+        yield from (self.final_layer.adaLN_modulation, self.final_layer.linear)
 
     def encode_text(
         self, text: list[PromptFeatures], t: torch.Tensor
@@ -127,14 +154,22 @@ class LiDiT(nn.Module):
             return self.collaborative_refiner(tokens, masks, conds, starts)
         return concat_captions(tokens, masks, starts)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: list[PromptFeatures]) -> torch.Tensor:
-        """Noisy latents [B, C, H, W], timesteps [B], per-encoder text -> predicted noise [B, C, H, W]."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, text: list[PromptFeatures], drop_caption: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noisy latents [B, C, H, W], timesteps [B], per-encoder text -> predicted noise [B, C, H, W].
+
+        `drop_caption` [B] bool: rows whose caption is replaced by the learned null caption (text dropout
+        in training, the unconditional branch of CFG). Done here, not by the caller, so that DDP and FSDP
+        see the null caption used inside `forward`."""
         batch, _, height, width = x.shape
         p = self.config.patch_size
         if height % p or width % p:
             raise ValueError(f"x: height/width {height}x{width} are not multiples of patch_size {p}")
         # contiguous tokens: a transposed view would make every LayerNorm of every block copy its input
         x = self.pos_block(self.x_embedder(x)).flatten(2).transpose(1, 2).contiguous()
+        if drop_caption is not None:
+            text = self._null_captions(text, drop_caption)
         text_tokens, text_mask = self.encode_text(text, t)
         c = self.t_embedder(t)
         if self.text_pool is not None:
@@ -147,9 +182,9 @@ class LiDiT(nn.Module):
         x = x.view(batch, height // p, width // p, p, p, self.config.in_channels)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, self.config.in_channels, height, width)
 
-    def drop_text(self, text: list[PromptFeatures], drop: torch.Tensor) -> list[PromptFeatures]:
-        """Replace the caption of rows where `drop` is true by the learned null caption; the
-        instruction prefix stays (it does not depend on the caption)."""
+    def _null_captions(self, text: list[PromptFeatures], drop: torch.Tensor) -> list[PromptFeatures]:
+        """`text` with the caption of rows where `drop` is true replaced by the learned null caption
+        (one token, the rest masked); the instruction prefix stays (it does not depend on the caption)."""
         out = []
         for null, features in zip(self.null_text, text):
             states, mask, start = features.states.to(null.dtype), features.mask.bool(), features.caption_start
@@ -165,46 +200,5 @@ class LiDiT(nn.Module):
             ))
         return out
 
-    def null_prompts(self, text: list[PromptFeatures]) -> list[PromptFeatures]:
-        """The unconditional text for classifier-free guidance, shaped like `text`."""
-        drop = torch.ones(text[0].states.shape[0], dtype=torch.bool, device=text[0].states.device)
-        return self.drop_text(text, drop)
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_image(
-        self, height: int, width: int, text_len: int | list[int], instruction_len: int | list[int] = 0
-    ) -> int:
-        """Forward matmul/conv/attention FLOPs for one image (x3 for forward + backward).
-
-        `text_len`: tokens per encoder (instruction included); `instruction_len`: the tokens of
-        each dropped at fusion. Counts what `torch.utils.flop_counter` counts."""
-        cfg = self.config
-        n_enc = len(cfg.encoder_dims)
-        lens = [text_len] * n_enc if isinstance(text_len, int) else list(text_len)
-        starts = [instruction_len] * n_enc if isinstance(instruction_len, int) else list(instruction_len)
-        w, td, p, ch = cfg.width, cfg.text_dim, cfg.patch_size, cfg.in_channels
-        hidden, text_hidden = int(w * cfg.mlp_ratio), int(td * cfg.mlp_ratio)
-        n = (height // p) * (width // p)
-        m = sum(s - st for s, st in zip(lens, starts))
-        flops = 2 * n * w * ch * p * p + 2 * 2 * n * w * w * 9  # patchify + position ResBlock
-        flops += 2 * (256 * w + w * w) + 2 * (256 * td + td * td)  # timestep embedders
-        depth = cfg.refiner_depth if cfg.use_refiner else 0
-        for dim, s in zip(cfg.encoder_dims, lens):
-            flops += 2 * (dim * td + td * td) + 2 * s * dim * td
-            flops += depth * (2 * td * 2 * td + 8 * s * td * td + 4 * s * s * td + 4 * s * td * text_hidden)
-        if cfg.use_collaborative:  # caption tokens are the queries; every token of the others is a key
-            for s, st in zip(lens, starts):
-                others, queries = sum(lens) - s, s - st
-                cross = n_enc > 1
-                flops += 2 * td * (6 if cross else 3) * td + 4 * queries * td * text_hidden
-                if cross:
-                    flops += 4 * queries * td * td + 4 * others * td * td + 4 * queries * others * td
-        if cfg.pooled_text == "refined":
-            flops += 2 * (td * w + w * w)
-        block = 2 * w * 9 * w + 8 * n * w * w + 4 * n * n * w  # adaLN + self-attention
-        block += 4 * n * w * w + 4 * m * td * w + 4 * n * m * w  # cross-attention
-        block += 4 * n * w * hidden  # FFN
-        flops += cfg.depth * block + 2 * w * 2 * w + 2 * n * w * p * p * ch
-        return int(flops)

@@ -33,8 +33,8 @@ class LiDiTConfig:
     qk_norm: bool = True
     text_dropout: float = 0.1
     # the MLPs' GELU, as F.gelu's `approximate`: "tanh" (DiT's choice, and what configs saved before this
-    # field existed used) or "none" (exact erf), which every preset takes: on CPU in bfloat16 PyTorch's tanh
-    # GELU is ~6x slower than its erf GELU (not vectorised), as slow as the GEMM before it (docs/models.md)
+    # field existed used) or "none" (exact erf), which every preset takes: PyTorch's CPU tanh is not
+    # vectorised, so the tanh GELU costs as much as the GEMM before it (docs/models.md, "Speed")
     gelu: str = "tanh"
 
     def __post_init__(self) -> None:

@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lidit.models.layers import MLP, Attention, Linear, attention_mask, init_weights, masked_mean, modulate, zero_init
+from lidit.models.layers import MLP, Attention, attention_mask, masked_mean, modulate
 from lidit.models.text_stats import FeatureStandardizer
 
 
 class RefinerBlock(nn.Module):
-    """Bidirectional masked self-attention + FFN, each scaled by a zero-initialised gate from c."""
+    """Bidirectional masked self-attention + FFN, each scaled by a gate from c (zero at init)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, qk_norm: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, gelu: str, qk_norm: bool = True) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio)
-        self.gate = zero_init(Linear(dim, 2 * dim))
+        self.mlp = MLP(dim, mlp_ratio, gelu)
+        self.gate = nn.Linear(dim, 2 * dim)
 
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None, c: torch.Tensor, causal: bool = False
@@ -41,20 +41,20 @@ class LinguisticTokenRefiner(nn.Module):
     """Per LLM: input projection + `depth` gated bidirectional blocks (paper: N = 2).
 
     Removing the causal mask lets every caption token see the whole prompt, which undoes the
-    decoder-only positional bias; `causal=True` keeps it (the paper's ablation, 45.84 vs 54.02)."""
+    decoder-only positional bias; `causal=True` keeps it (the paper's ablation, 45.84 vs 54.02).
+    `gelu`: the MLPs' GELU approximation (`LiDiTConfig.gelu`). Weights are initialised by `LiDiT`."""
 
     def __init__(
         self, in_dim: int, dim: int, heads: int, depth: int = 2, mlp_ratio: float = 4.0,
-        causal: bool = False, qk_norm: bool = True,
+        causal: bool = False, qk_norm: bool = True, *, gelu: str,
     ) -> None:
         super().__init__()
         self.causal = causal
         self.standardize = FeatureStandardizer(in_dim)  # per-channel, fitted on the training data (text_stats)
         self.input_norm = nn.RMSNorm(in_dim, eps=1e-6)
-        self.input_proj = Linear(in_dim, dim)
-        self.pool_proj = nn.Sequential(Linear(in_dim, dim), nn.SiLU(), Linear(dim, dim))
-        self.blocks = nn.ModuleList([RefinerBlock(dim, heads, mlp_ratio, qk_norm) for _ in range(depth)])
-        init_weights(self)
+        self.input_proj = nn.Linear(in_dim, dim)
+        self.pool_proj = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([RefinerBlock(dim, heads, mlp_ratio, gelu, qk_norm) for _ in range(depth)])
 
     def forward(
         self, states: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor
@@ -78,14 +78,14 @@ class LinguisticTokenRefiner(nn.Module):
 class CollaborativeBlock(nn.Module):
     """One LLM branch: cross-attention to the other branches + FFN, adaLN-Zero from c."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool, qk_norm: bool = True) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, gelu: str, cross: bool, qk_norm: bool = True) -> None:
         super().__init__()
         self.cross = cross
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if cross else None
         self.attn = Attention(dim, heads, context_dim=dim, qk_norm=qk_norm) if cross else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(dim, mlp_ratio)
-        self.modulation = zero_init(Linear(dim, (6 if cross else 3) * dim))
+        self.mlp = MLP(dim, mlp_ratio, gelu)
+        self.modulation = nn.Linear(dim, (6 if cross else 3) * dim)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, others: torch.Tensor | None, others_mask: torch.Tensor | None
@@ -103,14 +103,16 @@ class CollaborativeBlock(nn.Module):
 class CollaborativeRefiner(nn.Module):
     """Fuses N refined LLM streams (Sec. 3.3): each branch attends to the others' tokens (all
     branches updated from the same inputs), then instruction tokens are dropped and the streams
-    are concatenated along the sequence (the axis is OPEN; sequence works across tokenizers)."""
+    are concatenated along the sequence (the axis is OPEN; sequence works across tokenizers).
+    `gelu`: the MLPs' GELU approximation (`LiDiTConfig.gelu`). Weights are initialised by `LiDiT`."""
 
-    def __init__(self, dim: int, heads: int, branches: int, mlp_ratio: float = 4.0, qk_norm: bool = True) -> None:
+    def __init__(
+        self, dim: int, heads: int, branches: int, mlp_ratio: float = 4.0, qk_norm: bool = True, *, gelu: str,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            [CollaborativeBlock(dim, heads, mlp_ratio, branches > 1, qk_norm) for _ in range(branches)]
+            [CollaborativeBlock(dim, heads, mlp_ratio, gelu, branches > 1, qk_norm) for _ in range(branches)]
         )
-        init_weights(self)
 
     def forward(
         self, tokens: list[torch.Tensor], masks: list[torch.Tensor], conds: list[torch.Tensor],

@@ -2,8 +2,9 @@
 PixArtTransformer2DModel at equal width, depth, image tokens, text tokens, batch and dtype.
 
 Both models are timed in the same run with the same loop, and their FLOPs are counted by the
-same counter (`lidit.models.flops.count_flops`: matmuls, convolutions, attention). LiDiT's count
-includes its own extra work (token refiners, collaborative refiner, position ResBlock).
+same counter (`lidit.models.flops.count_flops`: matmuls, convolutions, attention) on the plain,
+uncompiled models. LiDiT's count includes its own extra work (token refiners, collaborative refiner,
+position ResBlock). On the CPU LiDiT runs with `apply_cpu_kernels` (`--no-cpu-kernels`: without).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import time
 
 import torch
 
-from lidit.models import LiDiT, PromptFeatures, lidit_config
+from lidit.models import LiDiT, PromptFeatures, apply_cpu_kernels, count_flops, lidit_config
 from lidit.models.encoders import DTYPES
-from lidit.models.flops import count_flops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--no-cpu-kernels", action="store_true", help="time LiDiT without apply_cpu_kernels")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per model")
@@ -52,24 +53,26 @@ def _time(step, warmup: int, steps: int, device: str) -> float:
 
 
 def _lidit_step(args, dtype):
+    """LiDiT, its training step and the FLOPs of that step."""
     encoder_dim = 4096 if args.preset in ("1b", "10b") else 1024
     config = lidit_config(args.preset, encoder_dims=[encoder_dim] * args.encoders)
     model = LiDiT(config).to(args.device, dtype)
-    for layer in model.modules():  # non-zero gates so no branch is skipped by autograd shortcuts
-        if getattr(layer, "zero_init", False):
-            torch.nn.init.normal_(layer.weight, std=0.02)
+    for layer in model.adaln_zero_layers():  # non-zero gates so no branch is skipped by autograd shortcuts
+        torch.nn.init.normal_(layer.weight, std=0.02)
     length = args.instruction_len + args.text_len
     text = [PromptFeatures(torch.randn(args.batch, length, encoder_dim, device=args.device, dtype=dtype),
                            torch.ones(args.batch, length, dtype=torch.bool, device=args.device), args.instruction_len)
             for _ in range(args.encoders)]
     x = torch.randn(args.batch, config.in_channels, args.latent_size, args.latent_size, device=args.device, dtype=dtype)
     t = torch.randint(0, 1000, (args.batch,), device=args.device)
-    forward = torch.compile(model) if args.compile else model
 
-    def step():
-        forward(x, t, text).float().square().mean().backward()
+    def step_of(forward):
+        return lambda: forward(x, t, text).float().square().mean().backward()
 
-    return model, config, encoder_dim, step
+    flops = count_flops(step_of(model))
+    if args.device == "cpu" and not args.no_cpu_kernels:
+        apply_cpu_kernels(model)
+    return model, config, encoder_dim, step_of(torch.compile(model) if args.compile else model), flops
 
 
 def _pixart_step(args, config, encoder_dim, dtype):
@@ -86,15 +89,18 @@ def _pixart_step(args, config, encoder_dim, dtype):
     text = torch.randn(args.batch, text_tokens, encoder_dim, device=args.device, dtype=dtype)
     mask = torch.ones(args.batch, text_tokens, device=args.device, dtype=dtype)
     t = torch.randint(0, 1000, (args.batch,), device=args.device)
-    forward = torch.compile(model) if args.compile else model
     conditions = {"resolution": None, "aspect_ratio": None}
 
-    def step():
-        out = forward(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
-                      added_cond_kwargs=conditions).sample
-        out.float().square().mean().backward()
+    def step_of(forward):
+        def step():
+            out = forward(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                          added_cond_kwargs=conditions).sample
+            out.float().square().mean().backward()
 
-    return model, step
+        return step
+
+    flops = count_flops(step_of(model))
+    return model, step_of(torch.compile(model) if args.compile else model), flops
 
 
 def _sig(value: float) -> float:
@@ -112,20 +118,21 @@ def run(args: argparse.Namespace) -> int:
     report each model's median step time."""
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
-    model, config, encoder_dim, step = _lidit_step(args, dtype)
-    entries = [(f"LiDiT-{args.preset}", model, step)]
+    model, config, encoder_dim, step, flops = _lidit_step(args, dtype)
+    entries = [(f"LiDiT-{args.preset}", model, step, flops)]
     if not args.no_peer:
         entries.append(("PixArtTransformer2DModel", *_pixart_step(args, config, encoder_dim, dtype)))
-    for _, _, fn in entries:
+    for _, _, fn, _ in entries:
         _time(fn, args.warmup, 0, args.device)
     times: list[list[float]] = [[] for _ in entries]
     for _ in range(args.rounds):
-        for i, (_, _, fn) in enumerate(entries):
+        for i, (_, _, fn, _) in enumerate(entries):
             times[i].append(_time(fn, 0, args.steps, args.device))
-    rows = [_describe(name, m, statistics.median(ts), count_flops(fn), args.batch)
-            for (name, m, fn), ts in zip(entries, times)]
+    rows = [_describe(name, m, statistics.median(ts), flops, args.batch)
+            for (name, m, _, flops), ts in zip(entries, times)]
     result = {"preset": args.preset, "latent_size": args.latent_size, "batch": args.batch, "dtype": args.dtype,
               "device": args.device, "compile": args.compile, "text_tokens_per_encoder": args.text_len,
+              "cpu_kernels": args.device == "cpu" and not args.no_cpu_kernels,
               "instruction_tokens": args.instruction_len, "encoders": args.encoders, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "rows": rows}
     if len(rows) == 2:

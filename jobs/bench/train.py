@@ -106,11 +106,9 @@ def bench_loop_per_worker(config: dict) -> None:
 
 
 def forward_flops(trainer, height: int, width: int, text_len: list[int], starts: list[int]) -> int:
-    from lidit.models import LiDiT
+    from lidit.models.flops import flops_per_image
 
-    with torch.device("meta"):
-        model = LiDiT(trainer.model_config)
-    return model.flops_per_image(height, width, text_len, starts)
+    return flops_per_image(trainer.model_config, height, width, text_len, starts)
 
 
 def mfu(result: dict, images_per_s: float) -> float | None:

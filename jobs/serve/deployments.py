@@ -28,6 +28,7 @@ from lidit.jobs.serve.source import ModelRef, checkpoint_folder
 from lidit.models import EncoderConfig, LLMPromptEncoder, PromptFeatures, codec_from_config, sample
 from lidit.models.checkpoint import load_checkpoint
 from lidit.models.codecs import IdentityCodec
+from lidit.models.cpu_kernels import apply_cpu_kernels
 from lidit.models.diffusion import DiffusionSchedule
 from lidit.models.encoders import DTYPES, folder_revision
 from lidit.platform.storage import local_copy
@@ -210,7 +211,7 @@ class Denoiser:
         folder = checkpoint_folder(ref, self.tracking_uri)
         log.info("denoiser: loading %s version %s from %s", ref.name, ref.version, folder)
         model, info = load_checkpoint(folder, use_ema=True, device=self.device)
-        model = model.to(self.dtype)
+        model = apply_cpu_kernels(model.to(self.dtype))  # CPU float32: oneDNN GEMMs, GELU fused (docs/models.md)
         codec = codec_from_config(info.codec, device=self.device)
         height, width = info.image_size
         facts = {"patch_size": model.config.patch_size, "downsample": codec.downsample, "channels": codec.channels,
@@ -252,18 +253,16 @@ class Denoiser:
         per_row = [job for job in jobs for _ in job.seeds]
         text = [_collate([_full(job.text[e]) for job in per_row], head.text[e].caption_start, device, dtype)
                 for e in range(len(head.text))]
-        negative = None
+        negative = null_rows = None
         if head.guidance != 1.0 and any(job.negative for job in jobs):
-            null = model.null_prompts(text)
-            negative = [
-                _collate([_full(job.negative[e]) if job.negative else (null[e].states[r], null[e].mask[r])
-                          for r, job in enumerate(per_row)], null[e].caption_start, device, dtype)
-                for e in range(len(text))
-            ]
+            # rows without a negative prompt take the null caption (their own text row stands in for it)
+            negative = [_collate([_full((job.negative or job.text)[e]) for job in per_row],
+                                 head.text[e].caption_start, device, dtype) for e in range(len(text))]
+            null_rows = torch.tensor([not job.negative for job in per_row])
         down = loaded.facts["downsample"]
         shape = (len(per_row), loaded.facts["channels"], head.height // down, head.width // down)
         seeds = [seed for job in jobs for seed in job.seeds]
         with torch.inference_mode():
             latents = sample(model, text, loaded.schedule, shape, steps=head.steps, guidance=head.guidance,
-                             seed=seeds, negative_text=negative, clip_x0=loaded.clip_x0)
+                             seed=seeds, negative_text=negative, null_negative=null_rows, clip_x0=loaded.clip_x0)
             return loaded.codec.decode(latents.float()).cpu().numpy()

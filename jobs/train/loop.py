@@ -241,17 +241,6 @@ class Trainer:
         log.warning("chaos: rank %d kills itself at step %d", self.rank, self.step)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def drop_captions(self, text: list) -> list:
-        """Classifier-free-guidance text dropout, done here rather than in `diffusion_loss` because the
-        null caption is a parameter of the unwrapped model (outside DDP's and FSDP's `forward`)."""
-        model = parallel.unwrap(self.model)
-        rate = model.config.text_dropout
-        if rate == 0:
-            return text
-        drop = (torch.rand(text[0].states.shape[0], generator=self.generator) < rate).to(self.device)
-        with parallel.root_unsharded(self.model):
-            return model.drop_text(text, drop)
-
     def wait_until_registered(self, step: int, timeout: float = 300.0) -> None:
         """Block until Ray Train's controller lists the checkpoint of `step` in its snapshot file: a
         checkpoint reported but not yet collected when the group dies is not resumed from."""
@@ -279,9 +268,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             with parallel.no_gradient_sync(self.model, active=not last), \
                     parallel.autocast(self.device, self.bf16, self.sharded):
-                text = self.drop_captions(text)
                 loss = diffusion_loss(self.model, images, text, self.schedule, generator=self.generator,
-                                      text_dropout=0.0)
+                                      text_dropout=self.model_config.text_dropout)
                 (loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
         clip = spec.optim.grad_clip if spec.optim.grad_clip is not None else float("inf")

@@ -1,7 +1,7 @@
 """Parallelisms applied to a plain LI-DiT from outside (torchtitan style): the model code knows
 nothing of how it is distributed.
 
-Order, as in torchtitan: activation checkpointing -> torch.compile (per block) -> FSDP2
+Order, as in torchtitan: CPU kernels -> activation checkpointing -> torch.compile (per block) -> FSDP2
 `fully_shard` (per block, then the root) or DDP. Every function keeps parameter names unchanged,
 so checkpoints written from any strategy load into a plain `LiDiT`.
 """
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lidit.jobs.train.spec import Strategy
 from lidit.models import LiDiT
+from lidit.models.cpu_kernels import apply_cpu_kernels
 
 
 def repeated_blocks(model: LiDiT) -> list[nn.Module]:
@@ -80,6 +81,8 @@ def parallelize(
     compile: bool = False, activation_checkpointing: bool = False,
 ) -> nn.Module:
     """Apply the chosen parallelisms to a model already on `device`; returns the module to train."""
+    if device.type == "cpu":
+        apply_cpu_kernels(model)  # eager float32 GEMMs through oneDNN; a no-op under autocast or compile
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -119,15 +122,6 @@ def no_gradient_sync(model: nn.Module, active: bool) -> Iterator[None]:
         finally:
             model.set_requires_gradient_sync(True)
         return
-    yield
-
-
-@contextlib.contextmanager
-def root_unsharded(model: nn.Module) -> Iterator[None]:
-    """Gather the root's FSDP2 parameters (e.g. the learned null caption) for use outside `forward`;
-    the forward and backward hooks reshard and reduce them as usual. A no-op for other strategies."""
-    if is_sharded(model):
-        model.unshard()
     yield
 
 

@@ -49,7 +49,8 @@ def trained(tiny_llms):
     batch_text = [PromptFeatures(f.states.repeat(repeat, 1, 1), f.mask.repeat(repeat, 1), f.caption_start) for f in text]
     losses, start = [], time.perf_counter()
     for _ in range(500):
-        loss = diffusion_loss(model, x0.repeat(repeat, 1, 1, 1), batch_text, schedule, generator=generator)
+        loss = diffusion_loss(model, x0.repeat(repeat, 1, 1, 1), batch_text, schedule,
+                              text_dropout=model.config.text_dropout, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -90,11 +91,11 @@ def untrained(tiny_llms):
     text = [PromptFeatures(torch.randn(4, 7, d), torch.arange(7).expand(4, -1) < torch.tensor([[7], [5], [6], [3]]), 2)
             for d in (64, 96)]
     model = LiDiT(lidit_config("tiny", encoder_dims=[64, 96]))
-    for layer in model.modules():
-        if getattr(layer, "zero_init", False):
-            torch.nn.init.normal_(layer.weight, std=0.05)
+    for layer in model.adaln_zero_layers():
+        torch.nn.init.normal_(layer.weight, std=0.05)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss = diffusion_loss(model, torch.randn(4, 3, 8, 8), text, DiffusionSchedule())
+    loss = diffusion_loss(model, torch.randn(4, 3, 8, 8), text, DiffusionSchedule(),
+                          text_dropout=model.config.text_dropout)
     loss.backward()
     optimizer.step()
     return dict(model=model.eval(), text=text, x0=torch.zeros(4, 3, 8, 8), schedule=DiffusionSchedule(),
@@ -110,6 +111,26 @@ def test_sampling_is_deterministic_per_seed(untrained):
                  (1, *x0.shape[1:]), steps=4, seed=[8])
     torch.testing.assert_close(one[0], a[1], atol=1e-3, rtol=1e-4)  # independent of the batch
     assert not torch.equal(sample(model, text, schedule, x0.shape, steps=4, seed=1), a)
+
+
+def test_guidance_per_row_against_a_negative_prompt_or_the_null_caption(untrained):
+    """A batch that mixes rows with a negative prompt and rows without one (the serving denoiser's case):
+    each row samples as it would in a batch of its own kind; a null row's negative_text is ignored."""
+    model, text, schedule, x0 = untrained["model"], untrained["text"], untrained["schedule"], untrained["x0"]
+    torch.manual_seed(5)
+    negative = [PromptFeatures(torch.randn_like(f.states), f.mask, f.caption_start) for f in text]
+    null_rows = torch.tensor([False, True, False, True])
+    mixed = sample(model, text, schedule, x0.shape, steps=4, seed=7, negative_text=negative, null_negative=null_rows)
+    with_negative = sample(model, text, schedule, x0.shape, steps=4, seed=7, negative_text=negative)
+    with_null = sample(model, text, schedule, x0.shape, steps=4, seed=7)
+    assert not torch.allclose(with_negative, with_null, atol=1e-2)
+    torch.testing.assert_close(mixed[~null_rows], with_negative[~null_rows], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(mixed[null_rows], with_null[null_rows], atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="null_negative"):
+        sample(model, text, schedule, x0.shape, steps=1, negative_text=negative, null_negative=null_rows[:2])
+    with pytest.raises(ValueError, match="negative_text: 2 rows"):
+        sample(model, text, schedule, x0.shape, steps=1,
+               negative_text=[PromptFeatures(f.states[:2], f.mask[:2], f.caption_start) for f in negative])
 
 
 def test_checkpoint_round_trip_gives_bit_identical_samples(untrained, tmp_path):

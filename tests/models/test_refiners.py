@@ -4,15 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from lidit.models import CollaborativeRefiner, EncoderConfig, LinguisticTokenRefiner, LLMPromptEncoder
+from lidit.models import EncoderConfig, LiDiT, LinguisticTokenRefiner, LLMPromptEncoder, lidit_config
 
 
 def randomise_gates(module: nn.Module) -> nn.Module:
-    """A trained refiner has non-zero gates; fresh ones are zero (adaLN-Zero)."""
+    """A trained refiner has open gates (LiDiT starts them at zero, adaLN-Zero)."""
     torch.manual_seed(1)
-    for layer in module.modules():
-        if getattr(layer, "zero_init", False):
-            nn.init.normal_(layer.weight, std=0.5)
+    for block in module.blocks:
+        gate = block.gate if isinstance(module, LinguisticTokenRefiner) else block.modulation
+        nn.init.normal_(gate.weight, std=0.5)
     return module
 
 
@@ -31,25 +31,27 @@ def test_refiner_removes_positional_bias_unless_causal(llama):
     t_emb = torch.zeros(1, 32)
     for causal, changes in [(False, True), (True, False)]:
         torch.manual_seed(0)
-        refiner = randomise_gates(LinguisticTokenRefiner(llama.hidden_size, 32, 4, causal=causal))
+        refiner = randomise_gates(LinguisticTokenRefiner(llama.hidden_size, 32, 4, causal=causal, gelu="none"))
         out_a, _ = refiner(a.states, a.mask, t_emb)
         out_b, _ = refiner(b.states, b.mask, t_emb)
         assert (not torch.allclose(out_a[0, first], out_b[0, first], atol=1e-6)) == changes
 
 
 def test_fresh_refiner_is_its_input_projection():
+    """LiDiT initialises its refiners' gates to zero: each block starts as the identity."""
     torch.manual_seed(0)
-    refiner = LinguisticTokenRefiner(48, 32, 4)
+    refiner = LiDiT(lidit_config("tiny", encoder_dims=[48])).token_refiners[0]
+    assert len(refiner.blocks) == 2
     states, mask = torch.randn(2, 7, 48), torch.ones(2, 7, dtype=torch.bool)
-    out, c = refiner(states, mask, torch.randn(2, 32))
+    out, c = refiner(states, mask, torch.randn(2, 64))
     torch.testing.assert_close(out, refiner.input_proj(refiner.input_norm(states)))
-    assert c.shape == (2, 32)
+    assert c.shape == (2, 64)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_never_changes_refined_tokens(causal):
     torch.manual_seed(0)
-    refiner = randomise_gates(LinguisticTokenRefiner(48, 32, 4, causal=causal))
+    refiner = randomise_gates(LinguisticTokenRefiner(48, 32, 4, causal=causal, gelu="none"))
     states = torch.randn(1, 5, 48)
     padded = torch.cat([states, torch.randn(1, 4, 48)], 1)  # garbage in the padding
     mask = torch.tensor([[True] * 5 + [False] * 4])
@@ -63,14 +65,14 @@ def test_padding_never_changes_refined_tokens(causal):
 @pytest.mark.parametrize("branches", [1, 2, 3])
 def test_collaborative_refiner_drops_instructions_and_concatenates(branches):
     torch.manual_seed(0)
-    fuse = CollaborativeRefiner(32, 4, branches)
+    fuse = LiDiT(lidit_config("tiny", encoder_dims=[16] * branches)).collaborative_refiner
     lengths, starts = [6, 9, 4][:branches], [2, 3, 0][:branches]
-    tokens = [torch.randn(2, n, 32) for n in lengths]
+    tokens = [torch.randn(2, n, 64) for n in lengths]
     masks = [torch.ones(2, n, dtype=torch.bool) for n in lengths]
-    conds = [torch.randn(2, 32) for _ in lengths]
+    conds = [torch.randn(2, 64) for _ in lengths]
     text, mask = fuse(tokens, masks, conds, starts)
-    assert text.shape == (2, sum(lengths) - sum(starts), 32) and mask.all()
-    # zero-init modulation: a fresh collaborative refiner passes the caption tokens through
+    assert text.shape == (2, sum(lengths) - sum(starts), 64) and mask.all()
+    # LiDiT zero-initialises the modulation: a fresh collaborative refiner passes the caption tokens through
     torch.testing.assert_close(text, torch.cat([x[:, s:] for x, s in zip(tokens, starts)], 1))
     assert (fuse.blocks[0].attn is not None) == (branches > 1)
     randomise_gates(fuse)

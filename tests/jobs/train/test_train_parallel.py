@@ -1,4 +1,4 @@
-"""jobs/parallel.py on 2 CPU processes (gloo): DDP and FSDP2 (+ activation checkpointing) take the same
+"""jobs/train/parallelize.py on 2 CPU processes (gloo): DDP and FSDP2 (+ activation checkpointing) take the same
 optimizer step as one process on the whole batch, keep parameter names, and round-trip their state."""
 
 from __future__ import annotations
@@ -30,14 +30,10 @@ def _slice(batch, part: slice):
     return x[part], t[part], [PromptFeatures(f.states[part], f.mask[part], f.caption_start) for f in text], target[part]
 
 
-def _step(model, batch, drop: torch.Tensor, sharded_root=None) -> dict[str, torch.Tensor]:
-    from lidit.jobs.train import parallelize as parallel
-
+def _step(model, batch, drop: torch.Tensor) -> dict[str, torch.Tensor]:
     x, t, text, target = batch
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # linear in the gradient: exact comparisons
-    with parallel.root_unsharded(sharded_root if sharded_root is not None else model):
-        text = parallel.unwrap(model).drop_text(text, drop)
-    loss = torch.nn.functional.mse_loss(model(x, t, text), target)
+    loss = torch.nn.functional.mse_loss(model(x, t, text, drop_caption=drop), target)
     loss.backward()
     optimizer.step()
     return optimizer
