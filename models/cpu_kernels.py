@@ -3,10 +3,11 @@
 `apply_cpu_kernels(model)` turns every `nn.Linear` into a `OneDNNLinear` and every `MLP` into a
 `OneDNNMLP`, in place (the same modules, parameters and state-dict keys; like
 `torch.nn.utils.parametrize`, only the class changes). They compute eager CPU float32 GEMMs with
-oneDNN's JIT GEMM instead of the BLAS sgemm `F.linear` calls, which takes its AVX2 path on AMD CPUs,
-and without autograd run the MLP's GELU as a post-op of that GEMM, since PyTorch's CPU tanh is not
-vectorised. Measured figures: docs/models.md ("CPU kernels"). Everything else (autocast, other
-dtypes and devices, torch.compile, small GEMMs) takes `F.linear`, the same arithmetic either way.
+oneDNN's JIT GEMM instead of the BLAS sgemm `F.linear` calls, which takes its AVX2 path on AMD CPUs
+even where they have AVX-512, and without autograd run the MLP's GELU as a post-op of that GEMM, since
+PyTorch's CPU tanh is not vectorised. Where they pay and where not (CPUs without AVX-512): docs/models.md
+("CPU kernels"). Everything else (autocast, other dtypes and devices, torch.compile, small GEMMs) takes
+`F.linear`, the same arithmetic either way.
 """
 
 from __future__ import annotations
