@@ -3,10 +3,11 @@
 `apply_cpu_kernels(model)` turns every `nn.Linear` into a `OneDNNLinear` and every `MLP` into a
 `OneDNNMLP`, in place (the same modules, parameters and state-dict keys; like
 `torch.nn.utils.parametrize`, only the class changes). They compute eager CPU float32 GEMMs with
-oneDNN's JIT GEMM instead of the BLAS sgemm `F.linear` calls, which takes its AVX2 path on AMD CPUs,
-and without autograd run the MLP's GELU as a post-op of that GEMM, since PyTorch's CPU tanh is not
-vectorised. Measured figures: docs/models.md ("CPU kernels"). Everything else (autocast, other
-dtypes and devices, torch.compile, small GEMMs) takes `F.linear`, the same arithmetic either way.
+oneDNN's JIT GEMM instead of the BLAS sgemm `F.linear` calls, which takes its AVX2 path on AMD CPUs
+even where they have AVX-512, and without autograd run the MLP's GELU as a post-op of that GEMM, since
+PyTorch's CPU tanh is not vectorised. Where they pay and where not (CPUs without AVX-512): docs/models.md
+("CPU kernels"). Everything else (autocast, other dtypes and devices, torch.compile, small GEMMs) takes
+`F.linear`, the same arithmetic either way.
 """
 
 from __future__ import annotations
@@ -95,12 +96,17 @@ class OneDNNMLP(MLP):
         return super().forward(x)
 
 
-def apply_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Switch `model`'s linears and MLPs to the oneDNN kernels above, in place; returns `model`.
+def kernels_pay() -> bool:
+    """Whether oneDNN's GEMM beats the BLAS float32 GEMM here: on AVX-512 CPUs; without AVX-512 it was
+    slower for training (docs/models.md, "CPU kernels")."""
+    return _ONEDNN_LINEAR is not None and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
-    A no-op where PyTorch has no oneDNN; idempotent; subclasses of `nn.Linear` other than these
-    are left alone."""
-    if _ONEDNN_LINEAR is None:
+
+def apply_cpu_kernels(model: nn.Module, force: bool = False) -> nn.Module:
+    """Switch `model`'s linears and MLPs to the oneDNN kernels above, in place, where they pay
+    (`kernels_pay`, or `force` wherever PyTorch has oneDNN); returns `model`. Idempotent; subclasses of
+    `nn.Linear` other than these are left alone."""
+    if _ONEDNN_LINEAR is None or not (force or kernels_pay()):
         return model
     for module in model.modules():
         if type(module) is nn.Linear:

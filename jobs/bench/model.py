@@ -4,7 +4,8 @@ PixArtTransformer2DModel at equal width, depth, image tokens, text tokens, batch
 Both models are timed in the same run with the same loop, and their FLOPs are counted by the
 same counter (`lidit.models.flops.count_flops`: matmuls, convolutions, attention) on the plain,
 uncompiled models. LiDiT's count includes its own extra work (token refiners, collaborative refiner,
-position ResBlock). On the CPU LiDiT runs with `apply_cpu_kernels` (`--no-cpu-kernels`: without).
+position ResBlock). On the CPU LiDiT runs with `apply_cpu_kernels` where they pay (AVX-512; `--cpu-kernels
+on|off` decides instead).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--no-cpu-kernels", action="store_true", help="time LiDiT without apply_cpu_kernels")
+    parser.add_argument("--cpu-kernels", choices=("auto", "on", "off"), default="auto",
+                        help="LiDiT's oneDNN CPU kernels: auto = where they pay (AVX-512), on, off")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per model")
@@ -70,8 +72,8 @@ def _lidit_step(args, dtype):
         return lambda: forward(x, t, text).float().square().mean().backward()
 
     flops = count_flops(step_of(model))
-    if args.device == "cpu" and not args.no_cpu_kernels:
-        apply_cpu_kernels(model)
+    if args.device == "cpu" and args.cpu_kernels != "off":
+        apply_cpu_kernels(model, force=args.cpu_kernels == "on")
     return model, config, encoder_dim, step_of(torch.compile(model) if args.compile else model), flops
 
 
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             for (name, m, _, flops), ts in zip(entries, times)]
     result = {"preset": args.preset, "latent_size": args.latent_size, "batch": args.batch, "dtype": args.dtype,
               "device": args.device, "compile": args.compile, "text_tokens_per_encoder": args.text_len,
-              "cpu_kernels": args.device == "cpu" and not args.no_cpu_kernels,
+              "cpu_kernels": args.device == "cpu" and any(type(m).__name__ == "OneDNNLinear" for m in model.modules()),
               "instruction_tokens": args.instruction_len, "encoders": args.encoders, "rounds": args.rounds,
               "threads": torch.get_num_threads(), "rows": rows}
     if len(rows) == 2:

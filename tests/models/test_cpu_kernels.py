@@ -35,7 +35,7 @@ def test_onednn_linear_equals_f_linear_forward_and_backward(features, outputs, b
     linear = nn.Linear(features, outputs, bias=bias)
     plain = nn.Linear(features, outputs, bias=bias)
     plain.load_state_dict(linear.state_dict())
-    assert apply_cpu_kernels(linear) is linear and type(linear) is OneDNNLinear
+    assert apply_cpu_kernels(linear, force=True) is linear and type(linear) is OneDNNLinear
     x = torch.randn(3, features, 70).transpose(1, 2)  # a strided input, [3, 70, features]
     assert use_onednn(x, linear.weight)
     grad = torch.randn(3, 70, outputs)
@@ -54,7 +54,7 @@ def test_onednn_linear_equals_f_linear_forward_and_backward(features, outputs, b
 
 
 def test_f_linear_where_onednn_does_not_apply():
-    linear = apply_cpu_kernels(nn.Linear(8, 8))
+    linear = apply_cpu_kernels(nn.Linear(8, 8), force=True)
     assert not use_onednn(torch.randn(2, 8), linear.weight)  # too small to pay
     big = torch.randn(64, 64, 8)
     assert not use_onednn(big.bfloat16(), linear.weight.bfloat16())
@@ -74,7 +74,7 @@ def test_fused_gelu_mlp_equals_the_plain_mlp(approximate):
     plain = MLP(64, 4.0, approximate)
     fast = MLP(64, 4.0, approximate)
     fast.load_state_dict(plain.state_dict())
-    apply_cpu_kernels(fast)
+    apply_cpu_kernels(fast, force=True)
     assert type(fast) is OneDNNMLP and type(fast.fc1) is OneDNNLinear
     with torch.no_grad():
         reference = plain(x)
@@ -103,7 +103,7 @@ def test_lidit_keeps_its_parameters_and_outputs():
     fast = LiDiT(config)
     fast.load_state_dict(plain.state_dict())
     params = dict(fast.named_parameters())
-    assert apply_cpu_kernels(apply_cpu_kernels(fast)) is fast
+    assert apply_cpu_kernels(apply_cpu_kernels(fast, force=True), force=True) is fast
     assert dict(fast.named_parameters()) == params and fast.state_dict().keys() == plain.state_dict().keys()
     assert all(type(m) is not nn.Linear for m in fast.modules()) and any(type(m) is OneDNNMLP for m in fast.modules())
     x, t = torch.randn(8, 3, 16, 16), torch.tensor([1, 100, 200, 300, 400, 500, 600, 999])
@@ -126,5 +126,13 @@ def test_lidit_keeps_its_parameters_and_outputs():
 def test_no_op_without_onednn(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_ONEDNN_LINEAR", None)
     model = LiDiT(lidit_config("tiny"))
-    assert apply_cpu_kernels(model) is model
+    assert apply_cpu_kernels(model, force=True) is model
     assert {type(m) for m in model.modules()}.isdisjoint({OneDNNLinear, OneDNNMLP})
+
+
+@pytest.mark.parametrize("capability, switched", [("AVX512", True), ("AVX2", False)])
+def test_applied_only_where_they_pay_unless_forced(monkeypatch, capability, switched):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    model = apply_cpu_kernels(LiDiT(lidit_config("tiny")))
+    assert (OneDNNLinear in {type(m) for m in model.modules()}) is switched
+    assert OneDNNLinear in {type(m) for m in apply_cpu_kernels(model, force=True).modules()}
