@@ -22,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         bench = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(f"lidit.jobs.bench.{name}")
         module.add_arguments(bench)
-        if not any("--json" in action.option_strings for action in bench._actions):
-            bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         bench.set_defaults(_bench=module.run)
 
 

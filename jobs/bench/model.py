@@ -37,7 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per model")
     parser.add_argument("--no-peer", action="store_true", help="skip the PixArt peer")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
 def _time(step, warmup: int, steps: int, device: str) -> float:
@@ -149,13 +148,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="lidit bench model", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
