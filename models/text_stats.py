@@ -1,12 +1,10 @@
 """Per-channel standardisation of LLM features, fitted on the training data before step 0.
 
 Pretrained decoder-only LLMs carry "massive activations": a few channels hold most of a hidden state's
-energy (measured on the shapes captions at hidden_states[-3]: Gemma-3-270M channel 163 holds 88 % of
-the caption tokens' energy, SmolLM2-135M channel 17 holds 46 %; the BOS token's RMS is 40x a caption
-token's). A per-token RMSNorm keeps those channels dominant, so every caption token looks alike
-(cosine 0.97 to the mean token for Gemma, 0.80 for SmolLM2) and the denoiser learns to ignore the
-text. Subtracting each channel's mean and dividing by its standard deviation over the caption tokens
-(cosine ~0.00 afterwards) gives the refiners features in which the caption is visible. The paper leaves
+energy. A per-token RMSNorm keeps those channels dominant, so every caption token looks alike and the
+denoiser learns to ignore the text. Subtracting each channel's mean and dividing by its standard
+deviation over the caption tokens gives the refiners features in which the caption is visible (the
+measurements: docs/real_llms.md, "Massive activations"). The paper leaves
 the input projection OPEN; this is the choice here. The statistics are buffers of the model (saved in
 the checkpoint); a fresh model has the identity (mean 0, std 1), which is also what checkpoints written
 before this module load as.
