@@ -1,6 +1,7 @@
 """`lidit precompute` on real Ray, real Parquet and the tiny LLMs: the stored features are the encoder's,
 two encoders run at once, bad samples are counted, another encoder spec lands in another folder."""
 
+import dataclasses
 import io
 import tarfile
 
@@ -83,7 +84,7 @@ def test_two_encoders_store_what_the_encoder_computes(ray_local, tiny_llms, shap
     again = run(inputs, str(tmp_path), encoder_specs(tiny_llms))
     assert again.dataset_uri == result.dataset_uri and again.rows == 0 and again.already_committed == 2
     # another encoder spec (another layer) never mixes with these features
-    other = run(inputs, str(tmp_path), [encoder_specs(tiny_llms)[0].model_copy(update={"layer": -2})])
+    other = run(inputs, str(tmp_path), [dataclasses.replace(encoder_specs(tiny_llms)[0], layer=-2)])
     assert other.dataset_uri != result.dataset_uri and other.rows == 64
     assert open_embeddings(result.dataset_uri).num_rows == 64
 

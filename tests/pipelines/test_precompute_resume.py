@@ -22,7 +22,7 @@ def lidit(log: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     # its own session, so that kill -9 reaches the job (a Ray driver) and nothing else
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "lidit.platform.cli", *args], env=env,
+        return subprocess.Popen([sys.executable, "-m", "lidit.jobs.cli", *args], env=env,
                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
 
