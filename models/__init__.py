@@ -10,7 +10,7 @@ from lidit.models.checkpoint import (
 )
 from lidit.models.codecs import IdentityCodec, ImageCodec, VAECodec, codec_from_config
 from lidit.models.cpu_kernels import apply_cpu_kernels
-from lidit.models.diffusion import DiffusionSchedule, diffusion_loss, sample
+from lidit.models.diffusion import DiffusionSchedule, denoising_error, diffusion_loss, sample
 from lidit.models.encoders import (
     PAPER_INSTRUCTION,
     CaptionFeatures,
@@ -45,6 +45,7 @@ __all__ = [
     "apply_cpu_kernels",
     "codec_from_config",
     "count_flops",
+    "denoising_error",
     "diffusion_loss",
     "flops_per_image",
     "join_prefix",

@@ -77,11 +77,11 @@ def checkpoint_info(spec: TrainSpec, dataset, model: LiDiTConfig) -> CheckpointI
     """What every checkpoint of this run records besides the weights (`lidit.models.CheckpointInfo`): the
     model config, the encoders, codec and image size of the shards, the diffusion schedule it was trained
     with (evaluation and serving sample with the same one), and the data set."""
-    from lidit.models import DiffusionSchedule, EncoderConfig, EncoderEntry
+    from lidit.models import EncoderConfig, EncoderEntry
 
     encoders = tuple(EncoderEntry(e.name, EncoderConfig.from_dict({**e.config, "fingerprint": e.fingerprint}),
                                   e.dtype, e.hidden_size, e.prefix_len) for e in dataset.encoders)
-    schedule = DiffusionSchedule(spec.diffusion.num_steps, spec.diffusion.kind).config()
+    schedule = spec.diffusion.schedule().config()
     return CheckpointInfo(model, encoders, dataset.codec, dataset.image_size, schedule,
                           {"uri": dataset.uri, "fingerprint": dataset.manifest.fingerprint})
 

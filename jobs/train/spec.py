@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lidit.jobs.precompute.spec import unique_names
-from lidit.models.diffusion import ScheduleKind
+from lidit.models.diffusion import DiffusionSchedule, Objective, SamplerKind, ScheduleKind
 from lidit.models.presets import LiDiTConfig, PresetName
 from lidit.pipelines.stages import EncoderSpec
 from lidit.platform import storage
@@ -73,8 +73,23 @@ class DataSpec(Spec):
 
 
 class DiffusionSpec(Spec):
+    """The objective and its sampler (lidit.models.diffusion, docs/models.md "Objectives"); recorded in
+    the checkpoint, so evaluation and serving sample the way the model was trained."""
+
     num_steps: int = Field(1000, ge=2)
     kind: ScheduleKind = "linear"
+    objective: Objective = "eps"
+    sampler: SamplerKind | None = Field(None, description="default: ddim for eps, euler for flow")
+    min_snr_gamma: float | None = Field(None, gt=0, description="eps only: min-SNR-gamma loss weighting (5 in the paper)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        self.schedule()  # a sampler of another objective, or gamma for flow, fails here with its field name
+        return self
+
+    def schedule(self) -> DiffusionSchedule:
+        return DiffusionSchedule(self.num_steps, self.kind, objective=self.objective, sampler=self.sampler,
+                                 min_snr_gamma=self.min_snr_gamma)
 
 
 class LoopSpec(Spec):

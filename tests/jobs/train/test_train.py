@@ -147,7 +147,8 @@ def test_train_survives_a_killed_worker_and_resumes(ray_local, mlflow_server, s3
     assert json.load(open(os.path.join(folder, "train_state.json")))["step"] == 16
     assert [e.config.fingerprint() for e in info.encoders] == [e.fingerprint for e in _encoders(tiny_embeddings)]
     assert model.config.encoder_dims == [64, 96] and info.image_size == (32, 32)
-    assert info.schedule == {"num_steps": 1000, "kind": spec.diffusion.kind, "beta_start": 1e-4, "beta_end": 0.02}
+    assert info.schedule == {"num_steps": 1000, "kind": spec.diffusion.kind, "beta_start": 1e-4, "beta_end": 0.02,
+                             "objective": "eps", "sampler": "ddim", "min_snr_gamma": None}
 
 
 def test_checkpoints_record_the_diffusion_schedule_they_were_trained_with(tiny_embeddings, tmp_path):
