@@ -26,6 +26,7 @@ class EvaluationResult:
     benchmark: str
     rows: list[dict]
     probe: list[dict] = field(default_factory=list)
+    likelihood_rows: list[dict] = field(default_factory=list)
     version: str | None = None
     run_id: str | None = None
     output: str | None = None
@@ -47,19 +48,26 @@ def evaluate(spec: EvaluateSpec) -> EvaluationResult:
         raise LiditError(f"model {spec.model}: {err}") from None
     key = spec.benchmark.key()
     scores, rows, images = run_benchmark(pipeline, spec.benchmark)
+    likelihood_rows = []
+    if spec.benchmark.likelihood.enabled:
+        from lidit.jobs.evaluate.likelihood import likelihood_score
+
+        likelihood, likelihood_rows = likelihood_score(pipeline, spec.benchmark)
+        scores.update(likelihood)
     probe_rows = []
     if spec.probe.enabled:
         probe_rows = positional_bias(pipeline.encoders, pipeline.model, caption_pairs(spec.probe.pairs),
                                      spec.probe.timestep)
     version = resolved.version
     label = f"{version.name}-v{version.version}" if version else Path(resolved.folder).name
-    result = EvaluationResult(scores, key, rows, probe_rows, version.version if version else None)
+    result = EvaluationResult(scores, key, rows, probe_rows, likelihood_rows, version.version if version else None)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "benchmark.json").write_text(json.dumps({"benchmark": key, "scores": scores, "rows": rows}, indent=1))
         (out / "benchmark_grid.png").write_bytes(encode_png(grid(images)))
         (out / "probe.json").write_text(json.dumps(probe_rows, indent=1))
+        (out / "likelihood.json").write_text(json.dumps(likelihood_rows, indent=1))
         for public in spec.public:
             count = write_public(pipeline, public, spec.benchmark, out / "public" / public.name, spec.storage)
             log.info("public %s: %d prompts written", public.name, count)
@@ -86,9 +94,13 @@ def evaluate(spec: EvaluateSpec) -> EvaluationResult:
 
 
 def format_scores(scores: dict[str, float], key: str, label: str) -> str:
-    names = [k for k in METRICS if k in scores]
-    return "\n".join([f"benchmark {key} for {label}", "  ".join(f"{n:>11}" for n in names),
-                      "  ".join(f"{scores[n]:>11.3f}" for n in names)])
+    lines = [f"benchmark {key} for {label}"]
+    for title, prefix in (("sampled", ""), ("likelihood", "likelihood.")):  # the checker's, the likelihood's
+        names = [k for k in METRICS if k in scores and k.startswith("likelihood.") == bool(prefix)]
+        if names:
+            lines += ["  ".join(f"{n:>11}" for n in (title, *[n.removeprefix(prefix) for n in names])),
+                      "  ".join(f"{v:>11}" for v in ("", *[f"{scores[n]:.3f}" for n in names]))]
+    return "\n".join(lines)
 
 
 def untrained_checkpoint(trained: str, folder: str, seed: int = 0, **model_changes) -> str:

@@ -11,15 +11,27 @@ from pydantic import Field
 from lidit.platform.config import Spec, StorageSpec, TrackingSpec
 
 Category = Literal["color", "shape", "count", "spatial"]  # the checker's categories (lidit.jobs.evaluate.checker)
-Metric = Literal["color", "shape", "count", "spatial", "overall", "all_correct"]
+Metric = Literal["color", "shape", "count", "spatial", "overall", "all_correct", "likelihood.color",
+                 "likelihood.shape", "likelihood.count", "likelihood.spatial", "likelihood.overall"]
 CATEGORIES: tuple[str, ...] = get_args(Category)
 METRICS: tuple[str, ...] = get_args(Metric)  # overall: mean of the categories; all_correct: every check passed
+
+
+class LikelihoodSpec(Spec):
+    """The sampling-free prompt-following score (lidit.jobs.evaluate.likelihood): held-out images scored
+    by denoising error under their caption against one-attribute negatives."""
+
+    enabled: bool = True
+    images: int = Field(96, gt=0, description="held-out images (of the benchmark's data seed and split)")
+    pairs: int = Field(8, gt=0, description="(t, noise) pairs shared by every candidate caption")
+    seed: int = Field(0, description="seed of the negatives and the noise")
+    batch_size: int = Field(64, gt=0, description="forward rows per batch (captions x pairs)")
 
 
 class BenchmarkSpec(Spec):
     """The shapes prompt-following benchmark; everything but `batch_size` defines its identity (`key`)."""
 
-    prompts: int = Field(48, gt=0, description="held-out prompts")
+    prompts: int = Field(200, gt=0, description="held-out prompts for the sampled checker")
     data_seed: int = Field(0, description="seed of the shapes data whose held-out split is used")
     heldout_percent: int = Field(10, gt=0, lt=100)
     samples_per_prompt: int = Field(1, gt=0, description="images per prompt (seeds seed, seed+1, ...)")
@@ -28,9 +40,10 @@ class BenchmarkSpec(Spec):
     guidance: float = Field(4.0, ge=1.0)
     image_size: int | None = Field(None, gt=0, description="None: the checkpoint's")
     batch_size: int = Field(16, gt=0)
+    likelihood: LikelihoodSpec = Field(default_factory=LikelihoodSpec)
 
     def key(self) -> str:
-        fields = self.model_dump(exclude={"batch_size"})
+        fields = self.model_dump(exclude={"batch_size": True, "likelihood": {"batch_size"}})
         return "shapes-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 

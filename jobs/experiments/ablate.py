@@ -135,6 +135,19 @@ class Outcome:
     scores: list[dict[str, float]] = field(default_factory=list)
     probes: list[list[dict]] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
+    items: list[dict[str, list[dict]]] = field(default_factory=list)  # per seed: per-item verdicts (ablate_report)
+
+
+def verdicts(evaluation) -> dict[str, list[dict]]:
+    """Per held-out item, the category -> correct verdicts of both scores, in the benchmark's order (the
+    same items for every variant, so differences between variants can be paired)."""
+    from lidit.jobs.evaluate.spec import CATEGORIES
+
+    sampled = [{c: r[c] for c in CATEGORIES if c in r} for r in evaluation.rows]
+    by_image: dict[int, dict] = {}
+    for row in evaluation.likelihood_rows:
+        by_image.setdefault(row["image"], {})[row["category"]] = row["correct"]
+    return {"sampled": sampled, "likelihood": list(by_image.values())}
 
 
 def variant_encoders(encoder: EncoderSpec, kind: str, raw_layer: int | None) -> EncoderSpec:
@@ -231,6 +244,7 @@ def run_ablation(spec: AblateSpec) -> tuple[list[Outcome], str]:
             evaluation = evaluate_checkpoint(spec, trained["checkpoint"], trained["name"], root)
             outcome.scores.append(evaluation.scores)
             outcome.probes.append(evaluation.probe)
+            outcome.items.append(verdicts(evaluation))
             outcome.runs.append({**trained, "seed": seed, "dataset": datasets[key], "evaluation": evaluation.output,
                                  "wall_s": round(time.monotonic() - start, 1)})
             log.info("ablation %s seed %d: overall %.3f", variant.id, seed, evaluation.scores["overall"])
@@ -243,5 +257,6 @@ def run_ablation(spec: AblateSpec) -> tuple[list[Outcome], str]:
         folder = floor_checkpoint(spec, full_model, root)
         evaluation = evaluate_checkpoint(spec, folder, "untrained", root)
         outcomes.append(Outcome("floor", "floor", "+".join(e.name for e in encoders), [evaluation.scores],
-                                [evaluation.probe], [{"checkpoint": folder, "evaluation": evaluation.output}]))
+                                [evaluation.probe], [{"checkpoint": folder, "evaluation": evaluation.output}],
+                                [verdicts(evaluation)]))
     return outcomes, data

@@ -36,6 +36,8 @@ def test_untrained_checkpoint_is_the_same_model_freshly_initialised(untrained, t
 def test_benchmark_key_names_what_changes_the_scores():
     assert BenchmarkSpec().key() == BenchmarkSpec(batch_size=3).key()
     assert BenchmarkSpec().key() != BenchmarkSpec(steps=10).key()
+    assert BenchmarkSpec().key() == BenchmarkSpec(likelihood={"batch_size": 3}).key()
+    assert BenchmarkSpec().key() != BenchmarkSpec(likelihood={"pairs": 3}).key()
 
 
 def test_evaluate_a_registered_version(untrained, mlflow_server, tmp_path):
@@ -45,7 +47,8 @@ def test_evaluate_a_registered_version(untrained, mlflow_server, tmp_path):
     prompts.write_text(json.dumps({"tag": "two_object", "prompt": "a photo of a red circle"}) + "\n"
                        + json.dumps({"tag": "colors", "prompt": "a photo of a blue square"}) + "\n")
     spec = EvaluateSpec(model=f"models:/{name}@candidate", output=str(tmp_path / "out"),
-                        benchmark={"prompts": 9, "steps": 2, "batch_size": 5},
+                        benchmark={"prompts": 9, "steps": 2, "batch_size": 5,
+                                   "likelihood": {"images": 6, "pairs": 2, "batch_size": 8}},
                         public=[{"name": "geneval", "path": str(prompts), "images_per_prompt": 2}],
                         probe={"pairs": 3}, tracking={"tracking_uri": mlflow_server, "experiment": "eval-test"})
     result = evaluate(spec)
@@ -55,10 +58,12 @@ def test_evaluate_a_registered_version(untrained, mlflow_server, tmp_path):
     assert result.scores["overall"] < 0.2  # an untrained model draws noise, not shapes
     assert len(result.rows) == 9 and {r["kind"] for r in result.rows} <= {"single", "spatial", "count"}
     assert [r["raw"] for r in result.probe] == [0.0, 0.0]
+    assert 0.0 <= result.scores["likelihood.overall"] <= 1.0 and "likelihood.color" in result.scores
 
     tags = registry.get_version(mlflow_server, name, version.version).tags
     assert tags["lidit.eval.benchmark"] == result.benchmark
     assert float(tags["lidit.eval.overall"]) == pytest.approx(result.scores["overall"], abs=1e-6)
+    assert float(tags["lidit.eval.likelihood.overall"]) == pytest.approx(result.scores["likelihood.overall"], abs=1e-6)
     assert tags["lidit.eval.run"] == result.run_id
 
     client = registry.client(mlflow_server)
@@ -66,7 +71,8 @@ def test_evaluate_a_registered_version(untrained, mlflow_server, tmp_path):
     assert run.data.metrics["benchmark.overall"] == pytest.approx(result.scores["overall"])
     assert "probe.tiny_llama.raw" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"benchmark.json", "benchmark_grid.png", "benchmark_table.json", "probe.json", "public"} <= artifacts
+    assert {"benchmark.json", "benchmark_grid.png", "benchmark_table.json", "probe.json", "likelihood.json",
+            "public"} <= artifacts
 
     out = tmp_path / "out" / f"{name}-v{version.version}" / result.benchmark / "public" / "geneval"
     assert json.loads((out / "00001" / "metadata.jsonl").read_text())["tag"] == "colors"

@@ -15,7 +15,7 @@ import yaml
 from lidit.jobs.cli import main
 from lidit.jobs.commands import CONFIGS
 from lidit.jobs.experiments.ablate import AblateSpec, Outcome, plan_variants
-from lidit.jobs.experiments.ablate_report import findings, table_rows
+from lidit.jobs.experiments.ablate_report import findings, paired_bootstrap, table_rows
 from lidit.pipelines.stages import EncoderSpec
 from lidit.platform.config import SpecError, load_spec
 
@@ -56,6 +56,29 @@ def test_findings_report_each_step_with_its_spread():
     assert "probe a: raw hidden states change 0 at most" in text and "0.2 (refiner-a), 0.1 (collaborative-a-b)" in text
     row = table_rows(outcomes)[0]
     assert row["overall"] == "0.150 ± 0.050" and row["count"] == "-" and row["probe b raw/refined/fused"] == "-"
+
+
+def test_paired_bootstrap_resolves_a_real_difference_and_not_noise():
+    import random
+
+    rng = random.Random(0)
+    kinds = [{"color", "shape"}, {"color", "shape", "count"}, {"color", "shape", "spatial"}]
+    layout = [kinds[i % 3] for i in range(90)]
+    low = [[{c: rng.random() < 0.5 for c in cats} for cats in layout] for _ in range(2)]  # two seeds
+    better = [[{c: v or rng.random() < 0.6 for c, v in item.items()} for item in seed] for seed in low]
+    delta, lo, hi = paired_bootstrap(low, better)
+    assert 0 < lo < delta < hi  # each item only improves: the interval excludes zero
+    expected = sum(  # mean over categories of the accuracy gain, averaged over seeds
+        sum(sum(i[c] for i in b if c in i) / sum(c in i for i in b) - sum(i[c] for i in a if c in i) / sum(c in i for i in a)
+            for c in ("color", "shape", "count", "spatial")) / 4 for a, b in zip(low, better)) / 2
+    assert abs(delta - expected) < 1e-9
+    noise = [[{c: rng.random() < 0.5 for c in cats} for cats in layout[:30]] for _ in range(2)]
+    other = [[{c: rng.random() < 0.5 for c in cats} for cats in layout[:30]] for _ in range(2)]
+    delta, lo, hi = paired_bootstrap(noise, other)
+    assert lo < 0 < hi and lo < delta < hi  # two coin-flip variants on 30 items: not resolved
+    assert paired_bootstrap(low, low) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap(low, [seed[:-1] for seed in better])
 
 
 def test_bad_specs_fail_with_the_field_named(tmp_path, capsys):
