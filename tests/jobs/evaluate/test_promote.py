@@ -21,7 +21,8 @@ def test_promote_register_gate_force_rollback(checkpoints, mlflow_server, tmp_pa
     name = f"lidit-promote-{uuid.uuid4().hex[:6]}"
     common = ["--set", f"tracking.tracking_uri={mlflow_server}", "--set", f"tracking.registered_model={name}",
               "--set", "tracking.experiment=promote-test", "--set", f"output={tmp_path / 'eval'}",
-              "--set", "benchmark.prompts=3", "--set", "benchmark.steps=1"]
+              "--set", "benchmark.prompts=3", "--set", "benchmark.steps=1",
+              "--set", "benchmark.likelihood={images: 4, pairs: 2}"]
 
     assert main(["promote", "--checkpoint", checkpoints[0], *common]) == 0
     out = capsys.readouterr().out

@@ -114,7 +114,8 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
         "train": {"train": {"steps": 6}, "data": {"batch_size": 16}, "optim": {"lr": 3e-3, "ema_decay": 0.9},
                   "scaling": {"num_workers": 1}, "samples": {"prompts": 0},
                   "checkpoint": {"log_final_to_mlflow": False}},
-        "benchmark": {"prompts": 6, "steps": 3, "batch_size": 6}, "probe": {"pairs": 4},
+        "benchmark": {"prompts": 6, "steps": 3, "batch_size": 6, "likelihood": {"images": 6, "pairs": 2}},
+        "probe": {"pairs": 4},
         "tracking": {"tracking_uri": mlflow_server, "experiment": "ablate-test"},
     }
     path = tmp_path / "ablate.yaml"
@@ -158,6 +159,7 @@ def test_ablation_on_the_tiny_llms_end_to_end(ray_local, mlflow_server, tiny_llm
     metrics = client.get_run(run.info.run_id).data.metrics
     assert metrics[f"collaborative-{both}.overall"] == variants[f"collaborative-{both}"]["scores"][0]["overall"]
     assert metrics[f"instruction-{both}.probe.tiny_qwen2.raw"] == 0.0
+    assert 0.0 <= metrics[f"collaborative-{both}.likelihood.overall"] <= 1.0  # the sampling-free score too
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ablation.md", "ablation.json", "ablation_table.json", "evaluations", "spec.yaml"} <= artifacts
     llms = "tiny_llama+tiny_qwen2"

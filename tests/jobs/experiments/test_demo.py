@@ -23,6 +23,7 @@ def test_demo_end_to_end_on_s3_and_mlflow_server(tmp_path, ray_local, s3_server,
                  f"checkpoints={bucket}/checkpoints", f"data.uri={bucket}/data", "data.train=64", "data.heldout=16",
                  "data.shard_size=32", "train.train.steps=4", "train.checkpoint.every_steps=2",
                  "train.samples.every_steps=2", "benchmark.prompts=4", "benchmark.steps=4",
+                 "benchmark.likelihood.images=4", "benchmark.likelihood.pairs=2",
                  f"serve.port={free_port()}", "wait=false", f"tracking.tracking_uri={mlflow_server}",
                  "tracking.experiment=demo-test", "tracking.registered_model=lidit-demo"]
     spec = load_spec(DemoSpec, CONFIGS / "demo.yaml", overrides)
