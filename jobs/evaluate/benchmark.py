@@ -55,6 +55,47 @@ def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     return out
 
 
+def captioned_grid(images: np.ndarray, captions: list[str], verdicts: list[bool | None] | None = None,
+                   columns: int = 8, cell: int = 128) -> np.ndarray:
+    """Images [N, H, W, 3] in rows of `columns`, each scaled (nearest) to `cell` px wide with its caption
+    wrapped under it; a verdict frames the image green (passed every check) or red (failed one)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    count, height, width, _ = images.shape
+    scale = max(1, cell // width)
+    w, h = width * scale, height * scale
+    font = ImageFont.load_default()
+    line = 11  # px per caption line of the default bitmap font
+    chars = max(8, w // 6)
+    wrapped = [_wrap(c, chars) for c in captions]
+    text_h = line * max(len(lines) for lines in wrapped) + 4
+    pad, rows = 4, -(-count // columns)
+    cols = min(columns, count)
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + text_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(count):
+        x, y = pad + (i % columns) * (w + pad), pad + (i // columns) * (h + text_h + pad)
+        canvas.paste(Image.fromarray(images[i]).resize((w, h), Image.NEAREST), (x, y))
+        verdict = verdicts[i] if verdicts else None
+        if verdict is not None:
+            draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline=(30, 160, 60) if verdict else (210, 40, 40),
+                           width=2)
+        for k, text in enumerate(wrapped[i]):
+            draw.text((x, y + h + 2 + k * line), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, chars: int) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        if current and len(current) + 1 + len(word) > chars:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    return [*lines, current] if current else lines or [""]
+
+
 def read_prompts(spec: PublicPromptsSpec, storage_spec: StorageSpec | None = None) -> list[dict]:
     """Prompt records from a public benchmark file; each has at least `prompt`."""
     from lidit.platform import storage

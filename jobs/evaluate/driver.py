@@ -34,7 +34,7 @@ class EvaluationResult:
 
 def evaluate(spec: EvaluateSpec) -> EvaluationResult:
     """Run the benchmark (+ probe, + public grids) and record the results in MLflow."""
-    from lidit.jobs.evaluate.benchmark import grid, run_benchmark, write_public
+    from lidit.jobs.evaluate.benchmark import captioned_grid, run_benchmark, write_public
     from lidit.jobs.evaluate.probe import caption_pairs, format_rows, positional_bias
     from lidit.models.generate import TextToImagePipeline
     from lidit.pipelines.shapes import encode_png
@@ -65,7 +65,9 @@ def evaluate(spec: EvaluateSpec) -> EvaluationResult:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "benchmark.json").write_text(json.dumps({"benchmark": key, "scores": scores, "rows": rows}, indent=1))
-        (out / "benchmark_grid.png").write_bytes(encode_png(grid(images)))
+        flat = images.reshape(-1, *images.shape[2:])  # prompt-major, as the rows
+        (out / "benchmark_grid.png").write_bytes(encode_png(captioned_grid(
+            flat, [r["prompt"] for r in rows], [r["all"] for r in rows])))
         (out / "probe.json").write_text(json.dumps(probe_rows, indent=1))
         (out / "likelihood.json").write_text(json.dumps(likelihood_rows, indent=1))
         for public in spec.public:

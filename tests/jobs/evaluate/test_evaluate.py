@@ -88,6 +88,25 @@ def test_grid_lays_out_rows_and_columns():
     assert out.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and out[1, 1, 0] == 255 and out[0, 0, 0] == 64
 
 
+def test_captioned_grid_puts_each_caption_under_its_image_and_frames_the_verdict():
+    import numpy as np
+
+    from lidit.jobs.evaluate.benchmark import captioned_grid
+
+    images = np.zeros((5, 16, 16, 3), np.uint8)
+    images[:, 4:12, 4:12] = (50, 90, 235)
+    out = captioned_grid(images, ["a blue square"] * 4 + ["a long caption " * 6], [True, False, None, True, False],
+                         columns=3, cell=64)
+    rows, cols = 2, 3
+    assert out.shape[1] == cols * (64 + 4) + 4 and out.shape[0] > rows * (64 + 4)  # 2 rows, room for text
+    assert tuple(out[4 + 32, 4 + 32]) == (50, 90, 235)  # image 0 scaled 4x, its centre
+    assert tuple(out[3, 4 + 32]) == (30, 160, 60) and tuple(out[3, 4 + 68 + 32]) == (210, 40, 40)  # frames
+    assert tuple(out[3, 4 + 2 * 68 + 32]) == (255, 255, 255)  # no verdict, no frame
+    below = out[4 + 64 + 2 : 4 + 64 + 14, 4 : 4 + 64]
+    assert (below < 128).any()  # caption text under the first image
+    assert out.shape[0] > captioned_grid(images[:1], ["a blue square"], columns=3, cell=64).shape[0] * 2 - 10
+
+
 def test_bad_inputs_fail_with_one_line(tmp_path, capsys):
     with pytest.raises(SpecError, match="benchmark.steps"):
         load_spec(EvaluateSpec, None, ["model=x", "benchmark.steps=0"])
