@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,10 @@ RAY_ENV_DEFAULTS = {
 
 
 def ray_env() -> dict[str, str]:
-    """Environment defaults for processes that start Ray (set only where the user has not)."""
-    return {k: os.environ.get(k, v) for k, v in RAY_ENV_DEFAULTS.items()}
+    """Environment defaults for processes that start Ray (set only where the user has not). Ray Data's
+    progress bars redraw with cursor movement: only on a terminal, else a log fills with redraws."""
+    bars = {"RAY_DATA_DISABLE_PROGRESS_BARS": "0" if sys.stderr.isatty() else "1"}
+    return {k: os.environ.get(k, v) for k, v in {**RAY_ENV_DEFAULTS, **bars}.items()}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -28,6 +31,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
     if ray.is_initialized():
         return
     os.environ.update(ray_env())
+    if "ray.data" in sys.modules:  # its default was read from the environment at import
+        sys.modules["ray.data"].DataContext.get_current().enable_progress_bars = (
+            os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "0")
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs.setdefault("log_to_driver", True)
