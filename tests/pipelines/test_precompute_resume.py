@@ -2,8 +2,8 @@
 sample exactly once; the rerun skips the committed input shards and removes the uncommitted files."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
